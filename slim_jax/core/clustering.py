@@ -1,0 +1,235 @@
+"""Sliding clustering and weight yielding (SLIM.md s2).
+
+Each adapted layer keeps C cluster centres `mu_c` and per-channel variances `var_c` of its inputs.
+During training they follow the tokens by an exponential moving average; at inference they are
+frozen. A token far from its nearest centre (in per-channel standard deviations) is out-of-domain
+and yields routing weight to the identity experts.
+
+Every function takes tokens as `x: [..., d_in]` (any leading axes) and is jit- and vmap-able. The
+statistics are state, never parameters: `update_clusters` stops gradients on its inputs and output.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from slim_jax.errors import ConfigError, ShapeError
+
+
+class ClusterStats(NamedTuple):
+    """The cluster statistics of one layer.
+
+    Attributes:
+      mean: `[C, d_in]` centres mu_c.
+      var: `[C, d_in]` per-channel variances sigma_c^2.
+      count: `[]` int32, the number of batches absorbed; 0 means never initialised.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+
+def empty_clusters(num_clusters: int, d_in: int) -> ClusterStats:
+    """Statistics that have seen no data: zero centres, unit variances, `count = 0`.
+
+    >>> empty_clusters(2, 3).mean.shape
+    (2, 3)
+    """
+    if num_clusters < 1 or d_in < 1:
+        raise ConfigError(f"num_clusters and d_in must be >= 1, got {num_clusters} and {d_in}")
+    return ClusterStats(
+        mean=jnp.zeros((num_clusters, d_in), jnp.float32),
+        var=jnp.ones((num_clusters, d_in), jnp.float32),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def _flatten(x: jax.Array, token_weights: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """`x [..., d] -> [T, d]` float32 and weights `[T]` (ones when None)."""
+    flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if token_weights is None:
+        return flat, jnp.ones(flat.shape[0], jnp.float32)
+    if token_weights.shape != x.shape[:-1]:
+        raise ShapeError(
+            f"token_weights must have the leading shape of x {x.shape[:-1]} (one weight per "
+            f"token, 0 for padding), got {token_weights.shape}"
+        )
+    return flat, token_weights.reshape(-1).astype(jnp.float32)
+
+
+def init_from_tokens(
+    x: jax.Array, key: jax.Array, num_clusters: int, token_weights: jax.Array | None = None
+) -> ClusterStats:
+    """Initial statistics from a first batch: C random tokens as centres, the batch variance.
+
+    SLIM.md s2: centres "randomly initialised from the first batch". Centres are C distinct tokens
+    drawn uniformly among those with non-zero weight (padding is never drawn unless fewer than C
+    real tokens exist); every centre's variance is the weighted per-channel variance of the batch.
+    When the batch holds fewer than C tokens, tokens are drawn with replacement.
+
+    Args:
+      x: `[..., d_in]` tokens.
+      key: PRNG key.
+      num_clusters: C.
+      token_weights: `[...]` weight per token (0 = padding); None counts every token.
+
+    Returns:
+      `ClusterStats` with `count = 1`.
+
+    >>> x = jnp.arange(12.0).reshape(6, 2)
+    >>> s = init_from_tokens(x, jax.random.key(0), 3)
+    >>> s.mean.shape, s.var[0].tolist(), int(s.count)
+    ((3, 2), [11.666..., 11.666...], 1)
+    """
+    flat, w = _flatten(x, token_weights)
+    num_tokens = flat.shape[0]
+    if num_tokens >= num_clusters:
+        # Gumbel top-k: C distinct tokens, uniform among weighted ones.
+        logp = jnp.where(w > 0, 0.0, -jnp.inf)
+        gumbel = jax.random.gumbel(key, (num_tokens,))
+        _, index = jax.lax.top_k(logp + gumbel, num_clusters)
+    else:
+        valid = (w > 0).astype(jnp.float32)
+        probs = jnp.where(valid.sum() > 0, valid, 1.0)
+        index = jax.random.choice(key, num_tokens, (num_clusters,), p=probs / probs.sum())
+    total = jnp.maximum(w.sum(), 1e-12)
+    batch_mean = (w @ flat) / total
+    batch_var = (w @ jnp.square(flat - batch_mean)) / total
+    stats = ClusterStats(
+        mean=flat[index],
+        var=jnp.broadcast_to(batch_var, (num_clusters, flat.shape[1])),
+        count=jnp.ones((), jnp.int32),
+    )
+    return jax.tree.map(jax.lax.stop_gradient, stats)
+
+
+def nearest_cluster(stats: ClusterStats, x: jax.Array) -> jax.Array:
+    """Index of the nearest centre (Euclidean) of every token.
+
+    Args:
+      stats: cluster statistics, mean `[C, d_in]`.
+      x: `[..., d_in]` tokens.
+
+    Returns:
+      `[...]` int32 in `[0, C)`.
+
+    >>> s = ClusterStats(jnp.array([[0.0], [10.0]]), jnp.ones((2, 1)), jnp.array(1))
+    >>> nearest_cluster(s, jnp.array([[1.0], [8.0]])).tolist()
+    [0, 1]
+    """
+    x = x.astype(jnp.float32)
+    mean = stats.mean.astype(jnp.float32)
+    # |x - mu|^2 = |x|^2 - 2 x.mu + |mu|^2; |x|^2 is the same for every centre.
+    scores = jnp.sum(jnp.square(mean), axis=-1) - 2.0 * x @ mean.T
+    return jnp.argmin(scores, axis=-1).astype(jnp.int32)
+
+
+def update_clusters(
+    stats: ClusterStats,
+    x: jax.Array,
+    token_weights: jax.Array | None = None,
+    momentum: float | jax.Array = 0.99,
+) -> ClusterStats:
+    """One sliding (EMA) update of the cluster statistics from a batch of tokens.
+
+    SLIM.md s2, for every centre c that received tokens (weighted count n_c > 0):
+      mu_c  <- m mu_c  + (1 - m) sum_t w_t x_t / n_c
+      var_c <- m var_c + (1 - m) sum_t w_t (x_t - mu_c)^2 / n_c   (mu_c: the updated centre)
+    where tokens are assigned to their nearest centre before the update. Centres without tokens
+    keep their values; tokens with weight 0 (padding) count nowhere. No gradient flows through
+    the update.
+
+    Args:
+      stats: current statistics.
+      x: `[..., d_in]` tokens.
+      token_weights: `[...]` weight per token (0 = padding); None counts every token.
+      momentum: m in `[0, 1]` (checked when a Python number).
+
+    Returns:
+      The new `ClusterStats` (`count` incremented).
+
+    >>> s = ClusterStats(jnp.zeros((1, 1)), jnp.ones((1, 1)), jnp.array(1))
+    >>> update_clusters(s, jnp.array([[2.0], [4.0]]), momentum=0.5).mean.tolist()
+    [[1.5]]
+    """
+    if isinstance(momentum, int | float) and not 0.0 <= momentum <= 1.0:
+        raise ConfigError(f"momentum must be in [0, 1], got {momentum}")
+    stats = jax.tree.map(jax.lax.stop_gradient, stats)
+    flat, w = _flatten(jax.lax.stop_gradient(x), token_weights)
+    w = jax.lax.stop_gradient(w)
+    num_clusters = stats.mean.shape[0]
+    assign = nearest_cluster(stats, flat)  # [T]
+    onehot = jax.nn.one_hot(assign, num_clusters, dtype=jnp.float32) * w[:, None]  # [T, C]
+    n = onehot.sum(axis=0)  # [C]
+    moved = n > 0
+    safe_n = jnp.where(moved, n, 1.0)[:, None]
+    batch_mean = (onehot.T @ flat) / safe_n  # [C, d]
+    new_mean = momentum * stats.mean + (1.0 - momentum) * batch_mean
+    mean = jnp.where(moved[:, None], new_mean, stats.mean)
+    sq = jnp.square(flat - mean[assign])  # [T, d], around the updated centre
+    batch_var = (onehot.T @ sq) / safe_n
+    new_var = momentum * stats.var + (1.0 - momentum) * batch_var
+    var = jnp.where(moved[:, None], new_var, stats.var)
+    return ClusterStats(mean=mean, var=var, count=stats.count + 1)
+
+
+def distance(stats: ClusterStats, x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """The out-of-domain distance of every token to its nearest centre c*.
+
+    SLIM.md s2: `d(x) = max_j |x_j - mu_c*,j| / sigma_c*,j - 1`, with `sigma = sqrt(var + eps)`:
+    the largest per-channel z-score minus one, positive when some channel lies beyond one sigma.
+
+    Args:
+      stats: cluster statistics.
+      x: `[..., d_in]` tokens.
+      eps: added to the variance before the square root.
+
+    Returns:
+      `[...]` float32 distances.
+
+    >>> s = ClusterStats(jnp.zeros((1, 2)), jnp.full((1, 2), 4.0), jnp.array(1))
+    >>> distance(s, jnp.array([[0.0, 6.0], [1.0, 0.0]]), eps=0.0).tolist()
+    [2.0, -0.5]
+    """
+    x = x.astype(jnp.float32)
+    c = nearest_cluster(stats, x)
+    z = jnp.abs(x - stats.mean[c]) * jax.lax.rsqrt(stats.var[c] + eps)
+    return jnp.max(z, axis=-1) - 1.0
+
+
+def yield_logits(
+    logits: jax.Array, d: jax.Array, num_identity: int, strength: float | jax.Array = 1.0
+) -> jax.Array:
+    """Additive weight yielding: push router logits towards the identity experts when `d > 0`.
+
+    SLIM.md s2: `logits'_i = logits_i + lambda * max(d(x), 0)` for every identity expert i (the
+    last `num_identity` columns); LoRA logits are unchanged. A token within one sigma of its
+    centre (`d <= 0`) is left alone.
+
+    Args:
+      logits: `[..., E_l + E_i]` router logits.
+      d: `[...]` distances from `distance`.
+      num_identity: E_i; 0 returns the logits unchanged.
+      strength: lambda.
+
+    Returns:
+      `[..., E_l + E_i]` logits.
+
+    >>> yield_logits(jnp.zeros(3), jnp.array(2.0), 1, 0.5).tolist()
+    [0.0, 0.0, 1.0]
+    """
+    num_experts = logits.shape[-1]
+    if not 0 <= num_identity <= num_experts:
+        raise ConfigError(
+            f"num_identity must be between 0 and the number of experts ({num_experts}), "
+            f"got {num_identity}"
+        )
+    if d.shape != logits.shape[:-1]:
+        raise ShapeError(f"d must have shape {logits.shape[:-1]} (one per token), got {d.shape}")
+    push = strength * jnp.maximum(d, 0.0)[..., None]
+    is_identity = jnp.arange(num_experts) >= num_experts - num_identity
+    return logits + jnp.where(is_identity, push, 0.0).astype(logits.dtype)

@@ -1,0 +1,346 @@
+"""Hugging Face checkpoints: find the directory, read its config, load its weights, fill a model.
+
+Shared by every model family (`llama.py`, `t5.py`): each family maps Hugging Face tensor names onto
+its own parameter paths in one function, and everything else (where the files are, which formats
+are safe, dtype conversion, shape checks) lives here.
+
+Safety: `.bin` / `.pt` / `.pth` checkpoints are Python pickles and can run arbitrary code when
+loaded, so they are refused unless the caller passes `allow_pickle=True`; even then they are read
+with `torch.load(weights_only=True)`, which unpickles tensors and plain containers only.
+
+>>> import tempfile, numpy as np, safetensors.numpy
+>>> d = Path(tempfile.mkdtemp())
+>>> safetensors.numpy.save_file({"w": np.ones((2, 3), np.float32)}, str(d / "model.safetensors"))
+>>> _ = (d / "config.json").write_text('{"model_type": "toy"}')
+>>> read_config(resolve_model_dir(d))["model_type"]
+'toy'
+>>> {k: (v.shape, str(v.dtype)) for k, v in load_safetensors(d, dtype="bfloat16").items()}
+{'w': ((2, 3), 'bfloat16')}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from slim_jax.errors import CheckpointError
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# What a hub download fetches by default: configs, safetensors weights and tokenizer files; never
+# pickles (pass `allow_patterns` to `resolve_model_dir` to fetch those deliberately).
+DEFAULT_HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+PathLike = str | os.PathLike[str]
+
+
+def resolve_model_dir(
+    name_or_path: PathLike,
+    *,
+    required: Sequence[str] = ("config.json",),
+    allow_patterns: Sequence[str] | None = DEFAULT_HUB_PATTERNS,
+    revision: str | None = None,
+) -> Path:
+    """The local directory of a model: `name_or_path` itself, or a hub snapshot of that id.
+
+    Args:
+      name_or_path: a local directory, or a hub id (`owner/name`) fetched with
+        `huggingface_hub.snapshot_download` (from the local cache when offline).
+      required: files that must exist in the directory (checked either way, so a wrong directory is
+        reported here, naming what is missing).
+      allow_patterns: glob patterns of the files a hub download fetches (None: all files).
+      revision: hub branch, tag or commit.
+
+    Returns:
+      The absolute directory.
+
+    Raises:
+      CheckpointError: the directory lacks a required file; the path does not exist and is not a hub
+        id; or the hub cannot be reached (offline) and the id is not in the cache, naming the files.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "config.json").write_text("{}")
+    >>> resolve_model_dir(d) == d.resolve()
+    True
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _check_required(path.resolve(), required, str(name_or_path))
+    if path.exists():
+        raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a model directory "
+                              f"(holding {', '.join(required) or 'the model files'}) or a hub id")
+    name = str(name_or_path)
+    if not _HUB_ID.match(name):
+        raise CheckpointError(f"no directory {name!r}: expected an existing local model directory "
+                              "or a Hugging Face hub id of the form 'owner/name'")
+    snapshot = Path(_download(name, allow_patterns, revision, required))
+    return _check_required(snapshot, required, name)
+
+
+def _download(
+    repo_id: str,
+    allow_patterns: Sequence[str] | None,
+    revision: str | None,
+    required: Sequence[str],
+) -> str:
+    """Fetch a hub snapshot (from the cache when offline); errors name the missing files."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = constants.is_offline_mode()
+    needed = ", ".join(required) or "the model files"
+    try:
+        return snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
+            local_files_only=offline,
+        )
+    except GatedRepoError as err:
+        raise CheckpointError(f"hub repository {repo_id!r} is gated: accept its licence on the hub "
+                              "and log in (`hf auth login`), or pass a local directory") from err
+    except RevisionNotFoundError as err:
+        raise CheckpointError(f"hub repository {repo_id!r} has no revision {revision!r}") from err
+    except RepositoryNotFoundError as err:
+        raise CheckpointError(f"{repo_id!r} is neither a local directory nor a hub repository "
+                              "(or it is private: log in with `hf auth login`)") from err
+    except (LocalEntryNotFoundError, ConnectionError, TimeoutError, OSError) as err:
+        if isinstance(err, HfHubHTTPError):
+            raise CheckpointError(f"downloading {repo_id!r} from the hub failed: {err}") from err
+        why = ("the hub is offline (HF_HUB_OFFLINE is set)" if offline
+               else "the hub cannot be reached")
+        raise CheckpointError(
+            f"cannot find model {repo_id!r}: it is not a local directory, {why}, and the local "
+            f"Hugging Face cache has no copy. Missing files: {needed}. Download it where the hub "
+            f"is reachable (`hf download {repo_id}`) and pass that directory"
+        ) from err
+
+
+def _check_required(path: Path, required: Sequence[str], shown: str) -> Path:
+    missing = [name for name in required if not (path / name).exists()]
+    if missing:
+        present = sorted(p.name for p in path.iterdir())[:20]
+        raise CheckpointError(f"model directory {shown!r} lacks {', '.join(missing)} "
+                              f"(it holds: {', '.join(present) or 'nothing'})")
+    return path
+
+
+def read_config(model_dir: PathLike) -> dict[str, Any]:
+    """The parsed `config.json` of a model directory.
+
+    Raises:
+      CheckpointError: the file is missing or is not a JSON object.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "config.json").write_text('{"vocab_size": 8}')
+    >>> read_config(d)
+    {'vocab_size': 8}
+    """
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: a Hugging Face model directory holds "
+                              "config.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a {type(config).__name__}; expected a JSON object")
+    return config
+
+
+def load_safetensors(
+    path: PathLike, *, dtype: Any = None, allow_pickle: bool = False
+) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint as numpy arrays, keyed by the Hugging Face tensor name.
+
+    Args:
+      path: a model directory holding `model.safetensors`, or shards listed by
+        `model.safetensors.index.json`; or one `.safetensors` file.
+      dtype: cast floating-point tensors to this dtype (e.g. `"bfloat16"`, `jnp.float32`); integer
+        tensors keep theirs. None keeps the stored dtypes.
+      allow_pickle: also accept `pytorch_model.bin` (single or sharded), `.pt` and `.pth` files,
+        read with `torch.load(weights_only=True)`. Off by default: a pickle can run code.
+
+    Returns:
+      `{name: array}`; bf16 tensors come back as `ml_dtypes.bfloat16` numpy arrays.
+
+    Raises:
+      CheckpointError: no weights found, a shard named by the index is missing, or only pickle
+        files exist and `allow_pickle` is False.
+    """
+    path = Path(path)
+    cast = None if dtype is None else jnp.dtype(dtype)
+    if path.is_file():
+        arrays = _load_file(path, allow_pickle)
+    elif not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: expected a model directory or a "
+                              ".safetensors file")
+    elif (path / SAFETENSORS_INDEX).is_file():
+        arrays = _load_sharded(path, path / SAFETENSORS_INDEX, allow_pickle)
+    elif (path / SAFETENSORS_FILE).is_file():
+        arrays = _load_file(path / SAFETENSORS_FILE, allow_pickle)
+    else:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not pickles:
+            present = ", ".join(sorted(p.name for p in path.iterdir())[:20]) or "nothing"
+            raise CheckpointError(f"{path} holds no weights: expected {SAFETENSORS_FILE} or "
+                                  f"{SAFETENSORS_INDEX} (it holds: {present})")
+        _refuse_pickle(path / pickles[0], allow_pickle)
+        if (path / PICKLE_INDEX).is_file():
+            arrays = _load_sharded(path, path / PICKLE_INDEX, allow_pickle)
+        elif len(pickles) == 1:
+            arrays = _load_file(path / pickles[0], allow_pickle)
+        else:
+            raise CheckpointError(f"{path} holds several pickle files ({', '.join(pickles)}) and "
+                                  f"no {PICKLE_INDEX}: pass the one file to load")
+    if cast is None:
+        return arrays
+    return {k: v.astype(cast) if jnp.issubdtype(v.dtype, jnp.floating) else v
+            for k, v in arrays.items()}
+
+
+def _load_sharded(directory: Path, index: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index} is not a shard index (a JSON object with a 'weight_map' "
+                              f"of tensor name -> shard file): {err}") from err
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (directory / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index.name} names shards missing from {directory}: "
+                              f"{', '.join(missing)}")
+    arrays: dict[str, np.ndarray] = {}
+    for shard in shards:
+        arrays.update(_load_file(directory / shard, allow_pickle))
+    absent = sorted(set(weight_map) - set(arrays))
+    if absent:
+        raise CheckpointError(f"{index.name} lists tensors its shards do not hold: "
+                              f"{', '.join(absent[:10])}")
+    return arrays
+
+
+def _load_file(file: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="np") as f:
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except SafetensorError as err:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from err
+    if file.suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(file, allow_pickle)
+        return _load_pickle(file)
+    raise CheckpointError(f"{file}: unknown checkpoint format; expected .safetensors "
+                          f"(or {', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
+
+
+def _refuse_pickle(file: Path, allow_pickle: bool) -> None:
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{file} is a pickle checkpoint, which can run arbitrary code when loaded; refused. "
+            "Convert it to safetensors, or pass allow_pickle=True if you trust its source "
+            "(it is then read with torch.load(weights_only=True))"
+        )
+
+
+def _load_pickle(file: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointError(f"{file} cannot be read by torch.load(weights_only=True): "
+                              f"{err}") from err
+    if not (isinstance(state, Mapping)
+            and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError(f"{file} does not hold a flat state dict of tensor name -> tensor")
+    return {name: _torch_to_numpy(t) for name, t in state.items()}
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bf16: reinterpret the bits as ml_dtypes'
+        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+    return tensor.numpy()
+
+
+def assign_params(
+    model: nnx.Module,
+    arrays: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    source: str = "checkpoint",
+) -> None:
+    """Write `{path: array}` into the model's variables, in place, checking names and shapes.
+
+    Works on a real model and on an abstract one from `nnx.eval_shape` (so a large model is never
+    randomly initialised just to be overwritten). Values are cast to each variable's dtype and
+    placed with its sharding when it has one.
+
+    Args:
+      model: the NNX model.
+      arrays: `{"layers/0/self_attn/q_proj/kernel": array, ...}`: variable paths joined by "/",
+        arrays already in the model's layout (e.g. kernels `[d_in, d_out]`).
+      strict: also require every `nnx.Param` of the model (adapter parameters, `nnx.LoRAParam`,
+        excepted) to be assigned.
+      source: how errors name where `arrays` came from (e.g. the checkpoint directory).
+
+    Raises:
+      CheckpointError: a path names no variable of the model, a shape differs (naming the
+        parameter and both shapes), or (strict) a parameter is left unassigned.
+
+    >>> lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> assign_params(lin, {"kernel": np.ones((2, 3)), "bias": np.zeros(3)})
+    >>> float(lin.kernel[...].sum())
+    6.0
+    """
+    variables = {"/".join(str(k) for k in path): node for path, node in nnx.iter_graph(model)
+                 if isinstance(node, nnx.Variable)}
+    unknown = sorted(set(arrays) - set(variables))
+    if unknown:
+        raise CheckpointError(
+            f"{source} has {len(unknown)} tensor(s) the model has no parameter for: "
+            f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} "
+            f"(model parameters look like: {', '.join(sorted(variables)[:4])} ...)"
+        )
+    for name, value in arrays.items():
+        var = variables[name]
+        if tuple(np.shape(value)) != tuple(var.shape):
+            raise CheckpointError(f"parameter {name!r}: {source} has shape "
+                                  f"{tuple(np.shape(value))}, the model expects {tuple(var.shape)}")
+    if strict:
+        missing = sorted(name for name, var in variables.items()
+                         if isinstance(var, nnx.Param) and not isinstance(var, nnx.LoRAParam)
+                         and name not in arrays)
+        if missing:
+            raise CheckpointError(f"{source} lacks {len(missing)} parameter(s) of the model: "
+                                  f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    for name, value in arrays.items():
+        var = variables[name]
+        host = np.asarray(value).astype(var.dtype, copy=False)
+        sharding = getattr(var.get_value(), "sharding", None)
+        var.set_value(jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host))

@@ -1,0 +1,219 @@
+"""`SlimLinear`: an `nnx.Linear` plus SLIM's mixture of LoRA and identity experts (SLIM.md s1-3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slim_jax.core.clustering import (
+    ClusterStats,
+    distance,
+    empty_clusters,
+    init_from_tokens,
+    update_clusters,
+    yield_logits,
+)
+from slim_jax.core.dropmerge import channel_masks, masked_mixture_delta
+from slim_jax.core.lora import init_lora_a, init_lora_b
+from slim_jax.core.routing import dense_weights, lora_mixture_delta, top_k_weights
+from slim_jax.errors import ShapeError
+from slim_jax.nn._base import adopt_linear, compute_dtype, fork_stream, kernel_axes
+from slim_jax.nn.config import SlimConfig
+from slim_jax.nn.variables import AdapterParam, ClusterState, TokenMask
+
+RNG_COLLECTION = "slim"
+
+
+class SlimLinear(nnx.Linear):
+    """A linear layer with SLIM's soft mixture of LoRA and identity experts.
+
+    SLIM.md s1: `y = x W + b + sum_e g_e * scale * (x A_e) B_e`, where `g` are top-k (or dense)
+    softmax gates of the router logits `x R`, after weight yielding (s2) pushes tokens far from
+    the layer's input clusters towards the identity experts (the last E_i router columns, which
+    add nothing). At inference, dynamic merging (s3) masks input and output channels of the delta.
+
+    Variables (the base's `kernel`/`bias` keep their names and paths):
+      experts_a `[E_l, d_in, r]`, experts_b `[E_l, r, d_out]`, router `[d_in, E_l + E_i]`:
+        `AdapterParam` (no router for a single expert);
+      cluster_mean, cluster_var `[C, d_in]`, cluster_count `[]`: `ClusterState` (with yielding);
+      token_mask: `TokenMask`, token weights for the cluster update (see `set_token_mask`).
+
+    Modes, as `nnx.BatchNorm` (`model.train()`, `model.eval()`, `nnx.view(model, ...)`):
+      `use_running_average=False` (training): the cluster statistics follow the tokens by EMA
+        (initialised from the first batch); no masking.
+      `use_running_average=True` (inference): statistics frozen; with `dropmerge_p > 0` fresh
+        channel masks are drawn on every call from the module's random stream (collection
+        "slim", reseed with `nnx.reseed(model, slim=seed)`). A layer whose clusters never saw
+        data does not yield.
+
+    Under `nnx.capture(model, nnx.Intermediate)` the gates `[..., E_l + E_i]` are sown as
+    `routing_weights`.
+
+    Args:
+      in_features, out_features: d_in, d_out.
+      config: the SLIM layer.
+      rngs: initialises the experts and router (stream `params`) and forks stream "slim".
+      base: an existing `nnx.Linear` to adapt (prefer `SlimLinear.from_linear`).
+      use_running_average: the initial mode.
+
+    >>> cfg = SlimConfig(num_lora_experts=2, num_identity_experts=1, top_k=2, rank=2, alpha=4,
+    ...                  num_clusters=2)
+    >>> layer = SlimLinear(3, 4, cfg, rngs=nnx.Rngs(0))
+    >>> layer.experts_a.shape, layer.router.shape, layer(jnp.ones((2, 5, 3))).shape
+    ((2, 3, 2), (3, 3), (2, 5, 4))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: SlimConfig,
+        *,
+        rngs: nnx.Rngs,
+        base: nnx.Linear | None = None,
+        use_running_average: bool = False,
+        **linear_kwargs: Any,
+    ):
+        adopt_linear(self, in_features, out_features, base, rngs, linear_kwargs)
+        self.config = config
+        self.scale = config.scale
+        self.use_running_average = use_running_average
+        in_axis, out_axis = kernel_axes(self.kernel)
+        dtype = jnp.dtype(config.param_dtype)
+        num_lora, rank = config.num_lora_experts, config.rank
+        self.experts_a = AdapterParam(
+            init_lora_a(rngs.params(), (num_lora, in_features, rank), config.init_a, dtype),
+            logical_axes=("experts", in_axis, "lora_rank"),
+        )
+        self.experts_b = AdapterParam(
+            init_lora_b((num_lora, rank, out_features), dtype),
+            logical_axes=("experts", "lora_rank", out_axis),
+        )
+        if config.has_router:
+            router = jax.random.normal(rngs.params(), (in_features, config.num_experts))
+            self.router = AdapterParam(
+                (router * config.router_init_std).astype(dtype),
+                logical_axes=(in_axis, "experts"),
+            )
+        else:
+            self.router = nnx.data(None)
+        if config.yielding:
+            stats = empty_clusters(config.num_clusters, in_features)
+            self.cluster_mean = ClusterState(stats.mean, logical_axes=("cluster", in_axis))
+            self.cluster_var = ClusterState(stats.var, logical_axes=("cluster", in_axis))
+            self.cluster_count = ClusterState(stats.count, logical_axes=())
+        self.token_mask = TokenMask(None)
+        if config.yielding or config.dropmerge_p > 0:
+            self.rngs = fork_stream(rngs, RNG_COLLECTION, "SlimLinear")
+        else:
+            self.rngs = nnx.data(None)
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, config: SlimConfig, *, rngs: nnx.Rngs) -> SlimLinear:
+        """Adapt an existing `nnx.Linear`, sharing its `kernel` and `bias` Variables.
+
+        >>> base = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+        >>> layer = SlimLinear.from_linear(base, SlimConfig(rank=2), rngs=nnx.Rngs(1))
+        >>> layer.kernel is base.kernel
+        True
+        """
+        return cls(linear.in_features, linear.out_features, config, rngs=rngs, base=linear)
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by `nnx.view`: `use_running_average=True` is the inference mode."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    @property
+    def cluster_stats(self) -> ClusterStats | None:
+        """The current cluster statistics (None without yielding)."""
+        if not self.config.yielding:
+            return None
+        return ClusterStats(self.cluster_mean[...], self.cluster_var[...], self.cluster_count[...])
+
+    def _token_weights(self, x: jax.Array, token_mask: jax.Array | None) -> jax.Array | None:
+        mask = token_mask if token_mask is not None else self.token_mask.get_value()
+        if mask is None:
+            return None
+        if mask.shape != x.shape[:-1]:
+            raise ShapeError(
+                f"SlimLinear got a token mask of shape {mask.shape} for inputs of shape {x.shape}; "
+                f"the mask must match the inputs' leading axes {x.shape[:-1]} (use "
+                "set_token_mask(model, mask, pattern=...) to mask only the layers that see "
+                "these tokens)"
+            )
+        return mask.astype(jnp.float32)
+
+    def _clusters(self, x: jax.Array, token_mask: jax.Array | None) -> ClusterStats:
+        """The statistics to measure distances with; in training, updated first (SLIM.md s2)."""
+        stats = self.cluster_stats
+        assert stats is not None
+        if self.use_running_average:
+            return stats
+        weights = self._token_weights(x, token_mask)
+        key = self.rngs()
+        cfg = self.config
+        stats = jax.lax.cond(
+            stats.count > 0,
+            lambda: update_clusters(stats, x, weights, cfg.momentum),
+            lambda: init_from_tokens(x, key, cfg.num_clusters, weights),
+        )
+        self.cluster_mean[...] = stats.mean
+        self.cluster_var[...] = stats.var
+        self.cluster_count[...] = stats.count
+        return stats
+
+    def routing_weights(self, inputs: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+        """The gates `[..., E_l + E_i]` of every token (updates the clusters in training mode)."""
+        cfg = self.config
+        if self.router is None:
+            return jnp.ones((*inputs.shape[:-1], 1), jnp.float32)
+        dtype = compute_dtype(cfg.dtype, self.dtype, inputs, self.router[...])
+        logits = (inputs.astype(dtype) @ self.router[...].astype(dtype)).astype(jnp.float32)
+        if cfg.yielding:
+            stats = self._clusters(inputs, token_mask)
+            # Distances are state-derived signals: no gradient flows through them.
+            d = jax.lax.stop_gradient(distance(stats, inputs, cfg.cluster_eps))
+            d = jnp.where(stats.count > 0, d, 0.0)  # never-trained clusters do not yield
+            logits = yield_logits(logits, d, cfg.num_identity_experts, cfg.yield_strength)
+        if cfg.dense_routing:
+            return dense_weights(logits)
+        return top_k_weights(logits, cfg.top_k)
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        out_sharding: Any = None,
+        *,
+        token_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """`inputs [..., d_in] -> [..., d_out]`.
+
+        Args:
+          inputs: `[..., d_in]`.
+          out_sharding: passed to the base matmul, as in `nnx.Linear`.
+          token_mask: `[...]` token weights for the cluster update (0 = padding); overrides
+            the layer's `token_mask` variable for this call.
+        """
+        y = super().__call__(inputs, out_sharding=out_sharding)
+        cfg = self.config
+        gates = self.routing_weights(inputs, token_mask)
+        if hasattr(self, "__captures__"):  # only under nnx.capture
+            self.sow(nnx.Intermediate, "routing_weights", gates)
+        dtype = compute_dtype(cfg.dtype, self.dtype, inputs, self.experts_a[...])
+        x = inputs.astype(dtype)
+        a = self.experts_a[...].astype(dtype)
+        b = self.experts_b[...].astype(dtype)
+        lora_gates = gates[..., : cfg.num_lora_experts].astype(dtype)
+        if self.use_running_average and cfg.dropmerge_p > 0:
+            masks = channel_masks(self.rngs(), self.in_features, self.out_features, cfg.dropmerge_p)
+            delta = masked_mixture_delta(
+                x, a, b, lora_gates, self.scale, masks, cfg.dropmerge_p,
+                rescale=cfg.dropmerge_rescale,
+            )
+        else:
+            delta = lora_mixture_delta(x, a, b, lora_gates, self.scale)
+        return y + delta.astype(y.dtype)

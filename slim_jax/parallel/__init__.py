@@ -1,0 +1,56 @@
+"""Parallelism: the device mesh, logical-axis rules, sharding of NNX state, multi-host start-up.
+
+>>> import jax
+>>> from slim_jax.parallel import MeshConfig, make_mesh
+>>> mesh = make_mesh(MeshConfig(data=-1))  # every device on the data axis
+>>> mesh.axis_names, mesh.shape["data"] == jax.device_count()
+(('data', 'fsdp', 'tensor'), True)
+"""
+
+from slim_jax.parallel.distributed import ProcessInfo, initialize_distributed, process_info
+from slim_jax.parallel.mesh import AXES, MeshConfig, MeshError, batch_parallel_size, make_mesh
+from slim_jax.parallel.rules import (
+    DEFAULT_RULES,
+    Rules,
+    ShardingRuleError,
+    check_rules,
+    logical_to_spec,
+)
+from slim_jax.parallel.sharding import (
+    LOGICAL_AXES,
+    BatchSizeError,
+    batch_axes,
+    batch_sharding,
+    check_global_batch,
+    create_sharded,
+    global_batch,
+    shard,
+    shard_module,
+    tree_shardings,
+)
+
+__all__ = [
+    "AXES",
+    "DEFAULT_RULES",
+    "LOGICAL_AXES",
+    "BatchSizeError",
+    "MeshConfig",
+    "MeshError",
+    "ProcessInfo",
+    "Rules",
+    "ShardingRuleError",
+    "batch_axes",
+    "batch_parallel_size",
+    "batch_sharding",
+    "check_global_batch",
+    "check_rules",
+    "create_sharded",
+    "global_batch",
+    "initialize_distributed",
+    "logical_to_spec",
+    "make_mesh",
+    "process_info",
+    "shard",
+    "shard_module",
+    "tree_shardings",
+]

@@ -1,0 +1,43 @@
+"""Sharded adapter training: configuration, optimiser, the jitted step, the loop.
+
+Files, one job each: `config` (dataclasses), `optimizer` (AdamW, warm-up + cosine, clipping),
+`loss` (target cross-entropy), `forward` (logits with SLIM token masks), `state` (TrainState,
+splitting the model), `step` (one update under `jax.jit`), `loop` (the `Trainer`), `metrics`
+(MFU, JSONL), `progress` (bar), `plot` (loss curve), `preemption` (SIGTERM).
+"""
+
+from slim_jax.train.config import OptimizerConfig, TrainConfig
+from slim_jax.train.forward import masked_batch_logits
+from slim_jax.train.loop import NonFiniteLossError, ResumableBatches, Trainer, TrainResult
+from slim_jax.train.loss import target_cross_entropy
+from slim_jax.train.metrics import MetricsLog, read_metrics, training_flops_per_token
+from slim_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from slim_jax.train.plot import plot_loss
+from slim_jax.train.preemption import PreemptionGuard
+from slim_jax.train.state import TrainState, cast_floating, merge_model, split_model
+from slim_jax.train.step import StepDefinition, compile_train_step, train_step
+
+__all__ = [
+    "MetricsLog",
+    "NonFiniteLossError",
+    "OptimizerConfig",
+    "PreemptionGuard",
+    "ResumableBatches",
+    "StepDefinition",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "Trainer",
+    "cast_floating",
+    "compile_train_step",
+    "learning_rate_schedule",
+    "make_optimizer",
+    "masked_batch_logits",
+    "merge_model",
+    "plot_loss",
+    "read_metrics",
+    "split_model",
+    "target_cross_entropy",
+    "train_step",
+    "training_flops_per_token",
+]

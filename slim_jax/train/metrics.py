@@ -1,0 +1,129 @@
+"""Throughput and utilisation estimates, and the metrics log (JSON lines).
+
+MFU (model FLOPs utilisation) = model FLOPs per second / peak FLOPs of the devices. For adapter
+training the model FLOPs per token are estimated from parameter counts (Kaplan et al.'s 2N per
+forward multiply-add, applied to what is computed):
+
+    forward 2 (N_frozen + N_trained) + backward to activations 2 (N_frozen + N_trained)
+    + backward to the trained weights 2 N_trained   =   4 N_frozen + 6 N_trained
+
+Attention-score FLOPs are left out and the embedding table is counted as a matmul, so this is an
+estimate; pass `flops_per_token` explicitly for an exact count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+# Peak dense bf16 FLOP/s per device (chip), by `jax.Device.device_kind` prefix, from the vendors'
+# data sheets. Longest prefixes first so "TPU v5 lite" is not read as "TPU v5".
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H100", 989e12),
+    ("NVIDIA A100", 312e12),
+    ("NVIDIA L4", 121e12),
+)
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    """Peak bf16 FLOP/s of `device` (default: the first device), or None when unknown (CPU).
+
+    >>> peak_flops_per_device(jax.devices("cpu")[0]) is None
+    True
+    """
+    kind = (device or jax.devices()[0]).device_kind
+    for prefix, flops in PEAK_FLOPS:
+        if kind.startswith(prefix):
+            return flops
+    return None
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalar entries in the arrays of `tree`.
+
+    >>> import jax.numpy as jnp
+    >>> count_params({"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)})
+    10
+    """
+    return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree.leaves(tree))
+
+
+def training_flops_per_token(n_frozen: int, n_trained: int) -> float:
+    """Estimated model FLOPs per token of one adapter-training step: `4 N_frozen + 6 N_trained`.
+
+    >>> training_flops_per_token(1000, 10)
+    4060.0
+    """
+    return 4.0 * n_frozen + 6.0 * n_trained
+
+
+def mfu(
+    tokens_per_second: float, flops_per_token: float, peak_flops_total: float | None
+) -> float | None:
+    """Model FLOPs utilisation in [0, 1] (None without a known peak).
+
+    >>> mfu(1000.0, 1e9, 4e12)
+    0.25
+    """
+    if not peak_flops_total:
+        return None
+    return tokens_per_second * flops_per_token / peak_flops_total
+
+
+def batch_tokens(batch: dict[str, np.ndarray]) -> int:
+    """Token positions in a batch (padding included): `tokens`, or encoder plus decoder tokens.
+
+    >>> batch_tokens({"tokens": np.zeros((2, 8)), "targets": np.zeros((2, 8))})
+    16
+    """
+    keys = [k for k in ("tokens", "enc_tokens", "dec_tokens") if k in batch]
+    return int(sum(np.size(batch[k]) for k in keys))
+
+
+class MetricsLog:
+    """Append one JSON object per line to `path` (None: keep nothing on disk).
+
+    Every record gets the wall-clock `time`. The file is opened per write, so it can be read
+    (and plotted) while the run goes on, and survives a crash up to the last line.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     log = MetricsLog(os.path.join(d, "metrics.jsonl"))
+    ...     log.write({"step": 1, "loss": 2.5})
+    ...     [r["loss"] for r in read_metrics(log.path)]
+    [2.5]
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append `record` (numbers, strings; numpy scalars are converted)."""
+        if self.path is None:
+            return
+        clean = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items()}
+        clean.setdefault("time", time.time())
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics file, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
