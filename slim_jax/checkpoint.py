@@ -127,7 +127,12 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         record = {**(meta or {}), "step": int(step)}
-        args = {name: ocp.args.StandardSave(plain(tree)) for name, tree in items.items()}
+        # An item without arrays (a model with no mutable state) has nothing to write.
+        args = {
+            name: ocp.args.StandardSave(plain(tree))
+            for name, tree in items.items()
+            if jax.tree.leaves(tree)
+        }
         args[META] = ocp.args.JsonSave(record)
         try:
             return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=True))
@@ -159,7 +164,11 @@ class Checkpointer:
                 f"no checkpoint {'' if step is None else f'at step {step} '}in {self.directory}; "
                 f"steps there: {self.all_steps()}"
             )
-        args = {name: ocp.args.StandardRestore(abstract(t)) for name, t in targets.items()}
+        args = {
+            name: ocp.args.StandardRestore(abstract(t))
+            for name, t in targets.items()
+            if jax.tree.leaves(t)
+        }
         args[META] = ocp.args.JsonRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
@@ -168,7 +177,10 @@ class Checkpointer:
                 f"checkpoint at step {step} in {self.directory} does not fit the requested items "
                 f"{sorted(targets)}: {err}"
             ) from err
-        items = {name: _rewrap(targets[name], restored[name]) for name in targets}
+        items = {
+            name: _rewrap(target, restored[name]) if name in args else target
+            for name, target in targets.items()
+        }
         return items, dict(restored[META])
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:

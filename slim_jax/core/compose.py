@@ -104,7 +104,8 @@ def compose(weights: jax.Array, stacked: T) -> T:
         a `[N, d_in, r]` and b `[N, r, d_out]`.
 
     Returns:
-      The same pytree with the `[N]` axis contracted (leaves keep their dtype).
+      The same pytree with the `[N]` axis contracted (summed in float32, leaves keep their
+      dtype).
 
     >>> a = jnp.stack([jnp.ones((2, 1)), 2 * jnp.ones((2, 1))])
     >>> compose(jnp.array([0.5, 0.25]), {"a": a})["a"].tolist()
@@ -114,9 +115,11 @@ def compose(weights: jax.Array, stacked: T) -> T:
         raise ShapeError(f"compose needs weights [N], got shape {weights.shape}; "
                          "use compose_population for [P, N]")
     _check_weights(weights, stacked, "[N]")
-    return jax.tree.map(
-        lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), stacked
-    )
+    def weighted_sum(leaf: jax.Array) -> jax.Array:  # in float32, back to the leaf's dtype
+        out = jnp.tensordot(weights.astype(jnp.float32), leaf.astype(jnp.float32), axes=1)
+        return out.astype(leaf.dtype)
+
+    return jax.tree.map(weighted_sum, stacked)
 
 
 def compose_population(weights: jax.Array, stacked: T) -> T:

@@ -168,6 +168,34 @@ def read_config(model_dir: PathLike) -> dict[str, Any]:
     return config
 
 
+def read_eos_ids(model_dir: PathLike, config: Mapping[str, Any]) -> tuple[int, ...]:
+    """Every id that ends generation: `eos_token_id` of `config` and of `generation_config.json`.
+
+    Chat checkpoints often list their end-of-turn token only in `generation_config.json` (e.g.
+    Llama 3 Instruct's 128009), so both are read; each may be an int or a list.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
+    >>> read_eos_ids(d, {"eos_token_id": 2})
+    (2, 7)
+    """
+    ids: list[int] = []
+    generation = Path(model_dir) / "generation_config.json"
+    sources = [config]
+    if generation.is_file():
+        try:
+            sources.append(json.loads(generation.read_text()))
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{generation} is not valid JSON: {err}") from err
+    for source in sources:
+        eos = source.get("eos_token_id") if isinstance(source, Mapping) else None
+        for token in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            if int(token) not in ids:
+                ids.append(int(token))
+    return tuple(ids)
+
+
 def load_safetensors(
     path: PathLike, *, dtype: Any = None, allow_pickle: bool = False
 ) -> dict[str, np.ndarray]:

@@ -34,7 +34,13 @@ import numpy as np
 from flax import nnx
 
 from slim_jax.errors import CheckpointError, ConfigError, ShapeError
-from slim_jax.models.hf import assign_params, load_safetensors, read_config, resolve_model_dir
+from slim_jax.models.hf import (
+    assign_params,
+    load_safetensors,
+    read_config,
+    read_eos_ids,
+    resolve_model_dir,
+)
 
 HF_MODEL_TYPES = ("llama", "qwen2")
 
@@ -247,6 +253,8 @@ class KVCache:
       keys, values: one `[batch, max_len, kv_heads, head_dim]` array per layer (rotated keys).
       segment_ids: `[batch, max_len]` int32 segment of each filled slot; 0 = empty or padding.
       end: `[]` int32, the number of slots filled; the next call writes from here.
+
+    Size it for prompt + generated tokens: past `max_len`, writes under jit would be clamped.
     """
 
     keys: tuple[jax.Array, ...]
@@ -414,9 +422,14 @@ class Llama(nnx.Module):
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
             if arr is not None and arr.shape != (b, s):
                 raise ShapeError(f"{name} must have the tokens' shape {(b, s)}, got {arr.shape}")
-        if cache is not None and (cache.segment_ids.shape[0] != b or s > cache.max_len):
-            raise ShapeError(f"cache holds {cache.segment_ids.shape[0]} rows of {cache.max_len} "
-                             f"slots; tokens are {b} rows of {s}")
+        if cache is not None:
+            # Under jit `end` is traced and cannot be checked: writes past max_len would be clamped
+            # by XLA, so callers size the cache for prompt + new tokens (as `generate` does).
+            end = 0 if isinstance(cache.end, jax.core.Tracer) else int(cache.end)
+            if cache.segment_ids.shape[0] != b or end + s > cache.max_len:
+                raise ShapeError(f"cache holds {cache.segment_ids.shape[0]} rows of "
+                                 f"{cache.max_len} slots ({end} filled); tokens are {b} rows "
+                                 f"of {s}")
         start = jnp.zeros((), jnp.int32) if cache is None else cache.end
         if segment_ids is None:
             segment_ids = jnp.ones((b, s), jnp.int32)
@@ -481,7 +494,10 @@ class Llama(nnx.Module):
           ConfigError: an unsupported architecture.
         """
         directory = resolve_model_dir(name_or_path)
-        config = LlamaConfig.from_hf(read_config(directory), dtype=dtype, param_dtype=param_dtype)
+        hf_config = read_config(directory)
+        config = dataclasses.replace(
+            LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype),
+            eos_ids=read_eos_ids(directory, hf_config))
         arrays = load_safetensors(directory, dtype=param_dtype, allow_pickle=allow_pickle)
         model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
         assign_params(model, params_from_hf(arrays, config), source=str(directory))

@@ -15,15 +15,18 @@ llama2.c rotates interleaved pairs (x[2i], x[2i+1]) while `Llama` rotates halves
 x[i + hd/2]) as transformers does; the rows of wq and wk are permuted per head (the permutation
 transformers' `convert_llama_weights_to_hf.py` applies), which makes the two identical.
 
->>> from slim_jax.settings import data_dir
->>> tok = Llama2cTokenizer.from_file(data_dir(required="tinystories260k") /
-...                                  "tinystories260k/tokenizer.bin")
->>> tok.decode(tok.encode("Once upon a time"))
-'Once upon a time'
+>>> pieces = [b"<unk>", b"<s>", b"</s>", *(b"<0x%02X>" % i for i in range(256)),
+...           b" ", b"h", b"i", b"hi", b" hi"]
+>>> tok = Llama2cTokenizer(pieces, [0.0] * 259 + [-5.0, -6.0, -7.0, -1.0, -2.0])
+>>> tok.encode("hi!", add_bos=True)  # " " "h" "i" -> " " "hi" -> " hi"; "!" is the byte <0x21>
+[1, 263, 36]
+>>> tok.decode([1, 263, 36])
+'hi!'
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 import re
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slim_jax.errors import CheckpointError
+from slim_jax.errors import CheckpointError, DataError
 from slim_jax.models.hf import assign_params
 from slim_jax.models.llama import Llama, LlamaConfig
 
@@ -160,7 +163,7 @@ def load_llama2c(
     (5, 512)
     """
     config, params = read_llama2c_checkpoint(checkpoint_path)
-    config = LlamaConfig(**{**config.__dict__, "dtype": dtype, "param_dtype": param_dtype})
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     assign_params(model, params, source=str(checkpoint_path))
     tokenizer_path = (Path(checkpoint_path).with_name("tokenizer.bin") if tokenizer_path is None
@@ -225,7 +228,16 @@ class Llama2cTokenizer:
         return cls(pieces, scores)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of `text` (see the class docstring), optionally with BOS / EOS."""
+        """Token ids of `text` (see the class docstring), optionally with BOS / EOS.
+
+        Raises:
+          DataError: `text` holds a lone surrogate, which has no UTF-8 encoding.
+        """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"text to encode holds {text[err.start]!r} at position {err.start}, "
+                            "which has no UTF-8 encoding (a lone surrogate)") from err
         symbols: list[bytes] = []
         if text:
             symbols.append(b" ")

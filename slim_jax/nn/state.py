@@ -49,8 +49,13 @@ def adapter_paths(model: nnx.Module) -> list[str]:
 
 
 def adapter_state(model: nnx.Module) -> nnx.State:
-    """The model's adapter parameters (`AdapterParam`) as an `nnx.State`."""
-    return nnx.state(model, AdapterParam)
+    """A snapshot of the model's adapter parameters (`AdapterParam`) as an `nnx.State`.
+
+    Unlike `nnx.state`, whose Variables are the model's own, the snapshot holds new Variables:
+    later changes to the model do not show in it, so several snapshots can be kept (e.g. N
+    trained adapters to stack). `nnx.update(model, snapshot)` puts one back.
+    """
+    return jax.tree.map(lambda leaf: leaf, nnx.state(model, AdapterParam))
 
 
 def split_adapters(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

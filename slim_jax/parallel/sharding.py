@@ -84,13 +84,33 @@ def tree_shardings(tree: T, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> T:
     return jax.tree_util.tree_map_with_path(leaf_sharding, tree, is_leaf=_is_variable)
 
 
-def shard(tree: T, shardings: Any) -> T:
-    """`tree` placed on devices as `shardings` says (`jax.device_put`, tree-wise).
+def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """One array onto a sharding that spans other processes' devices too: every process holds
+    the full value and writes only the shards its own devices own."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_global(jax.random.key_data(x), NamedSharding(sharding.mesh, sharding.spec))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    Works multi-host when every process holds the same full values (a checkpoint each process
-    loaded); each process then writes only the shards its devices own.
+
+def shard(tree: T, shardings: Any) -> T:
+    """`tree` placed on devices as `shardings` (a matching tree of `NamedSharding`s) says.
+
+    With one process this is `jax.device_put`. With several, every process must hold the same
+    full values (a checkpoint each process loaded, a model each built from the same seed); each
+    then places only the shards its own devices own.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from slim_jax.parallel.mesh import MeshConfig, make_mesh
+    >>> mesh = make_mesh(MeshConfig(data=-1))
+    >>> x = shard(jnp.zeros((8, 2)), NamedSharding(mesh, PartitionSpec("data")))
+    >>> x.sharding.spec
+    P('data',)
     """
-    return jax.device_put(tree, shardings)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(_put_global, tree, shardings)
 
 
 def shard_module(module: M, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> M:

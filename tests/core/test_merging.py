@@ -19,7 +19,8 @@ T = np.array(
     ],
     np.float32,
 )
-W = np.array([1.0, 0.5, 2.0], np.float32)
+# Weighted and unweighted sign elections differ at [0, 1] (-2.5 vs +0.5): TIES elects unweighted.
+W = np.array([1.0, 0.5, 5.0], np.float32)
 
 
 def np_trim(t, density):
@@ -86,8 +87,10 @@ def test_magnitude_trim_keeps_exactly_the_largest():
 def test_ties_matches_numpy():
     got = jax.jit(merging.ties, static_argnums=2)(jnp.asarray(T), jnp.asarray(W), 0.5)
     np.testing.assert_allclose(got, np_disjoint(np_trim(T, 0.5), W), rtol=1e-6)
-    # Hand-checked entry [0, 2]: trimmed values 0, 1, -3; elected sign -; only task 2 agrees.
-    assert float(got[0, 2]) == pytest.approx(-6.0)
+    # Hand-checked: at [0, 2] the trimmed values 0, 1, -3 elect -, only task 2 agrees (5 * -3);
+    # at [0, 1] the trimmed -1, -2, 0.5 elect -: the mean of 1 * -1 and 0.5 * -2.
+    assert float(got[0, 2]) == pytest.approx(-15.0)
+    assert float(got[0, 1]) == pytest.approx(-1.0)
 
 
 def test_ties_matches_peft():

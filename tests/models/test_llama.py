@@ -3,6 +3,8 @@ logits on padded batches (left and right), greedy generation, loading, configs, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -200,8 +202,12 @@ def test_call_shape_errors(llama3):
         small(tokens[0])
     with pytest.raises(ShapeError, match=r"segment_ids must have the tokens' shape \(2, 5\)"):
         small(tokens, segment_ids=jnp.ones((2, 4), jnp.int32))
-    with pytest.raises(ShapeError, match="cache holds 2 rows of 4 slots; tokens are 2 rows of 5"):
+    with pytest.raises(ShapeError, match=r"cache holds 2 rows of 4 slots \(0 filled\); tokens are "
+                                         r"2 rows of 5"):
         small(tokens, cache=small.init_cache(2, 4))
+    cache = dataclasses.replace(small.init_cache(2, 4), end=jnp.int32(3))
+    with pytest.raises(ShapeError, match=r"4 slots \(3 filled\); tokens are 2 rows of 2"):
+        small(tokens[:, :2], cache=cache)
 
 
 def test_rope_frequencies_match_transformers():
@@ -244,8 +250,8 @@ def test_config_errors(change, message):
         LlamaConfig.from_hf({**base, **change})
 
 
-def test_wrong_shapes_name_the_parameter(tiny, tmp_path):
-    hf_model, _, folder = tiny
+def test_wrong_shapes_name_the_parameter(llama3, tmp_path):
+    hf_model, _, folder = llama3
     config = hf_model.config.to_dict()
     config["intermediate_size"] = 40  # the checkpoint's MLP is 48 wide
     transformers.AutoConfig.for_model(**config).save_pretrained(tmp_path)
@@ -255,14 +261,20 @@ def test_wrong_shapes_name_the_parameter(tiny, tmp_path):
         Llama.from_pretrained(tmp_path)
 
 
-def test_untied_checkpoint_without_head_is_reported(tiny, tmp_path):
+def test_eos_ids_include_generation_config(llama3, tmp_path):
+    _, _, folder = llama3
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(folder / name)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 9]}')
+    assert Llama.from_pretrained(tmp_path).config.eos_ids == (2, 9)
+
+
+def test_untied_checkpoint_without_head_is_reported(llama3, tmp_path):
     import safetensors.numpy
 
     from slim_jax.models.hf import load_safetensors
 
-    hf_model, model, folder = tiny
-    if model.config.tie_word_embeddings:
-        pytest.skip("tied checkpoints have no lm_head")
+    hf_model, _, folder = llama3
     arrays = {k: v for k, v in load_safetensors(folder).items() if k != "lm_head.weight"}
     safetensors.numpy.save_file(arrays, str(tmp_path / "model.safetensors"))
     hf_model.config.save_pretrained(tmp_path)

@@ -27,7 +27,7 @@ def _forward(model, enc, dec, enc_segment_ids=None, dec_segment_ids=None):
 
 
 def _save_tiny_t5(folder, **overrides) -> transformers.T5ForConditionalGeneration:
-    """A tiny random T5 v1.1 (gated-GELU, untied head) saved in `folder`; returns it in eval mode."""
+    """A tiny random T5 v1.1 (gated-GELU, untied head) saved in `folder`, returned in eval mode."""
     kwargs = dict(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2,
                   num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
                   relative_attention_max_distance=12, feed_forward_proj="gated-gelu",
@@ -37,6 +37,9 @@ def _save_tiny_t5(folder, **overrides) -> transformers.T5ForConditionalGeneratio
     model = transformers.T5ForConditionalGeneration(transformers.T5Config(**kwargs)).eval()
     if not model.config.scale_decoder_outputs:  # v1.1: the head is its own matrix
         model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, kwargs["d_model"]))
+    with torch.no_grad():  # layer norms start at one: make every weight matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     return model
 
@@ -115,17 +118,22 @@ def test_buckets_equal_transformers():
 def test_cached_decoding_equals_the_full_forward(tiny):
     _, model, _ = tiny
     enc, enc_mask, dec, _ = _padded_batch(2)
-    full = np.asarray(_forward(model, jnp.asarray(enc), jnp.asarray(dec), jnp.asarray(enc_mask)))
-    state = model.init_decode_state(model.encode(jnp.asarray(enc), jnp.asarray(enc_mask)),
-                                    jnp.asarray(enc_mask), max_length=dec.shape[1])
-    steps = []
-    logits, state = model.decode(jnp.asarray(dec[:, :4]), state)  # a chunk, then token by token
-    steps.append(logits)
-    for t in range(4, dec.shape[1]):
-        logits, state = model.decode(jnp.asarray(dec[:, t:t + 1]), state)
-        steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
-    assert int(state.index) == dec.shape[1]
+
+    @nnx.jit
+    def decode_in_pieces(model, enc, enc_mask, dec):
+        state = model.init_decode_state(model.encode(enc, enc_mask), enc_mask, dec.shape[1])
+        logits, state = model.decode(dec[:, :4], state)  # a chunk, then token by token
+        steps = [logits]
+        for t in range(4, dec.shape[1]):
+            logits, state = model.decode(dec[:, t:t + 1], state)
+            steps.append(logits)
+        return jnp.concatenate(steps, axis=1), state.index
+
+    full = _forward(model, jnp.asarray(enc), jnp.asarray(dec), jnp.asarray(enc_mask))
+    pieces, index = decode_in_pieces(model, jnp.asarray(enc), jnp.asarray(enc_mask),
+                                     jnp.asarray(dec))
+    np.testing.assert_allclose(pieces, full, atol=1e-5)
+    assert int(index) == dec.shape[1]
 
 
 def test_packed_rows_equal_separate_rows(tiny):
@@ -207,11 +215,11 @@ def test_sampling_with_a_tiny_nucleus_is_greedy(tiny):
 
 
 def test_bf16_compute_and_storage(tiny):
-    hf_model, model, folder = tiny
+    _, model, folder = tiny
     bf16 = T5.from_pretrained(folder, dtype="bfloat16", param_dtype="bfloat16")
     kernel = bf16.encoder.block[0].layer[0].SelfAttention.q.kernel
     assert kernel.dtype == jnp.bfloat16
-    enc, enc_mask, dec, dec_mask = _padded_batch()
+    enc, enc_mask, dec, _ = _padded_batch()
     ours = _forward(bf16, jnp.asarray(enc), jnp.asarray(dec), jnp.asarray(enc_mask))
     ref = _forward(model, jnp.asarray(enc), jnp.asarray(dec), jnp.asarray(enc_mask))
     assert ours.dtype == jnp.float32
@@ -247,7 +255,7 @@ def test_checkpoint_of_another_shape_is_named(tiny, tmp_path):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     config = json.loads((folder / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "d_ff": 32}))
-    with pytest.raises(CheckpointError, match=r"DenseReluDense/wi_0/kernel.*\(16, 24\).*\(16, 32\)"):
+    with pytest.raises(CheckpointError, match=r"wi_0/kernel.*\(16, 24\).*\(16, 32\)"):
         T5.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_layers": 1}))
     with pytest.raises(CheckpointError, match="encoder/block/1/layer/0/SelfAttention/k/kernel"):
@@ -255,7 +263,7 @@ def test_checkpoint_of_another_shape_is_named(tiny, tmp_path):
 
 
 def test_missing_checkpoint_files_are_named(tmp_path):
-    with pytest.raises(CheckpointError, match="lacks config.json"):
+    with pytest.raises(CheckpointError, match=r"lacks config\.json"):
         T5.from_pretrained(tmp_path)
 
 

@@ -212,10 +212,13 @@ def test_gradients_reach_adapters_and_router_but_not_cluster_state(tokens, rando
     assert set(grads) == {"experts_a", "experts_b", "router"}
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
     float_clusters = nnx.All(ClusterState, lambda path, _: path[-1] != "cluster_count")
-    cluster_grads = nnx.grad(loss, argnums=nnx.DiffState(0, float_clusters))(nnx.clone(layer))
-    assert set(cluster_grads) == {"cluster_mean", "cluster_var"}
-    for g in jax.tree.leaves(cluster_grads):
-        np.testing.assert_array_equal(g, 0.0)
+    for inference in (False, True):  # updated statistics, then frozen ones
+        layer.use_running_average = inference
+        cluster_grads = nnx.grad(loss, argnums=nnx.DiffState(0, float_clusters))(
+            nnx.clone(layer))
+        assert set(cluster_grads) == {"cluster_mean", "cluster_var"}
+        for g in jax.tree.leaves(cluster_grads):
+            np.testing.assert_array_equal(g, 0.0)
 
 
 def test_token_mask_of_wrong_shape_is_named(tokens):

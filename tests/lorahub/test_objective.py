@@ -1,0 +1,171 @@
+"""The LoRAHub objective against a NumPy transcription of the reference, and population scoring."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from slim_jax.data import ByteTokenizer
+from slim_jax.errors import ConfigError
+from slim_jax.lorahub import (
+    ModuleLibrary,
+    build_objective,
+    objective_layout,
+    population_mesh,
+    score_candidates,
+)
+from tests.lorahub.conftest import adapt_examples
+
+
+def _set_path(model: nnx.Module, path: str, kernel: np.ndarray) -> None:
+    node = model
+    for part in path.split("/"):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    node.kernel[...] = jnp.asarray(kernel)
+
+
+def _merged_by_hand(model, modules, w):
+    """A copy of the base with W + scale * (sum_i w_i A_i)(sum_i w_i B_i) in every target
+    (LORAHUB.md s2, computed in NumPy)."""
+    merged = nnx.clone(model)
+    for path in modules[0].factors:
+        a_hat = sum(wi * m.factors[path][0] for wi, m in zip(w, modules, strict=True))
+        b_hat = sum(wi * m.factors[path][1] for wi, m in zip(w, modules, strict=True))
+        node = merged
+        for part in path.split("/"):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        base = np.asarray(node.kernel[...], np.float64)
+        _set_path(merged, path, base + modules[0].scale * (a_hat @ b_hat))
+    return merged
+
+
+def _token_ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    logz = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+    return logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+def _example_ce(model, prompt: str, target: str, encoder_decoder: bool) -> np.ndarray:
+    """Per-target-token CE of one example, alone (no padding): the reference's labels."""
+    tok = ByteTokenizer()
+    if encoder_decoder:
+        enc = np.array(tok.encode(prompt, add_eos=True))
+        labels = np.array(tok.encode(target, add_eos=True))
+        dec = np.concatenate([[0], labels[:-1]])
+        logits = np.asarray(model(jnp.asarray(enc[None]), jnp.asarray(dec[None])))[0]
+        return _token_ce(logits, labels)
+    prompt_ids = tok.encode(prompt, add_bos=True)
+    seq = np.array(prompt_ids + tok.encode(target, add_eos=True))
+    logits = np.asarray(model(jnp.asarray(seq[None, :-1])))[0]
+    ce = _token_ce(logits, seq[1:])
+    return ce[len(prompt_ids) - 1:]  # only the target tokens and their EOS
+
+
+def reference_objective(model, modules, w, examples, *, batch_size, encoder_decoder,
+                        mode="compat"):
+    """sail-sg/lorahub `get_score`: sum over batches of the batch's token-mean CE (-100 labels
+    ignored), divided by the number of examples, plus 0.05 * mean|w|."""
+    merged = _merged_by_hand(model, modules, w)
+    ces = [_example_ce(merged, e.instruction, e.response, encoder_decoder) for e in examples]
+    if mode == "compat":
+        batches = [ces[i:i + batch_size] for i in range(0, len(ces), batch_size)]
+        loss = sum(np.concatenate(b).sum() / sum(len(c) for c in b) for b in batches)
+    else:
+        loss = sum(c.mean() for c in ces)
+    return loss / len(examples) + 0.05 * np.abs(w).mean()
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize(("batch_size", "mode"), [(None, "compat"), (2, "compat"), (2, "mean")])
+def test_objective_equals_numpy_reference(family, batch_size, mode, llama_setup, t5_setup):
+    model, modules = llama_setup if family == "llama" else t5_setup
+    examples = adapt_examples()
+    attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
+    objective = build_objective(attached, examples, objective_layout(model, ByteTokenizer()),
+                                batch_size=batch_size, mode=mode)
+    w = np.array([0.7, -0.4, 1.2, 0.3])
+    got = float(jax.jit(lambda o, w: o(w))(objective, jnp.asarray(w, jnp.float32)))
+    want = reference_objective(model, modules, w, examples, batch_size=batch_size or 5,
+                               encoder_decoder=family == "t5", mode=mode)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_compat_loss_is_token_mean_over_k(llama_setup):
+    """With one batch, compat = pooled token-mean CE / K: K times below the plain batch mean."""
+    model, modules = llama_setup
+    attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
+    layout = objective_layout(model, ByteTokenizer())
+    w = jnp.array([0.5, 0.5, 0.0, 0.0])
+    one = build_objective(attached, adapt_examples(), layout, l1_coeff=0.0)
+    per_batch = build_objective(attached, adapt_examples(), layout, batch_size=1, l1_coeff=0.0)
+    # batch_size=1: the sum of per-example token means / K is the plain mean.
+    mean = build_objective(attached, adapt_examples(), layout, mode="mean", l1_coeff=0.0)
+    assert float(per_batch(w)) == pytest.approx(float(mean(w)), rel=1e-6)
+    assert float(one(w)) != pytest.approx(float(mean(w)), rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_population_equals_each_candidate_alone(family, llama_setup, t5_setup):
+    model, modules = llama_setup if family == "llama" else t5_setup
+    attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
+    objective = build_objective(attached, adapt_examples(),
+                                objective_layout(model, ByteTokenizer()))
+    weights = jax.random.uniform(jax.random.key(0), (8, 4), minval=-1.5, maxval=1.5)
+    together = np.asarray(score_candidates(objective, weights))
+    alone = np.array([float(jax.jit(lambda o, w: o(w))(objective, w)) for w in weights])
+    sequential = np.asarray(score_candidates(objective, weights, scoring="sequential"))
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
+    np.testing.assert_allclose(sequential, alone, rtol=1e-5)
+    assert len(np.unique(together.round(6))) == 8  # the candidates really differ
+
+
+def test_population_split_over_devices_equals_one_device(llama_setup):
+    model, modules = llama_setup
+    attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
+    objective = build_objective(attached, adapt_examples(),
+                                objective_layout(model, ByteTokenizer()))
+    weights = jax.random.uniform(jax.random.key(1), (16, 4), minval=-1.5, maxval=1.5)
+    mesh = population_mesh(16)
+    assert mesh is not None and mesh.devices.size == 8
+    split = score_candidates(objective, weights, mesh=mesh)
+    assert len(split.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(split), np.asarray(score_candidates(objective, weights)),
+                               rtol=1e-5)
+
+
+def test_zero_weights_give_the_base_model(llama_setup):
+    model, modules = llama_setup
+    attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
+    examples = adapt_examples()
+    objective = build_objective(attached, examples, objective_layout(model, ByteTokenizer()))
+    ces = [_example_ce(model, e.instruction, e.response, False) for e in examples]
+    base = np.concatenate(ces).mean() / len(examples)
+    assert float(objective(jnp.zeros(4))) == pytest.approx(base, rel=1e-5)
+
+
+def test_truncation_to_max_positions():
+    from tests.lorahub.conftest import tiny_llama
+
+    model = tiny_llama(max_positions=64)
+    layout = objective_layout(model, ByteTokenizer(), max_length=2048)
+    assert layout.capacity == (64,)
+    assert objective_layout(model, ByteTokenizer(), max_length=40).capacity == (40,)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "sum"}, "objective mode must be one of"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"l1_coeff": -1.0}, "l1_coeff must be >= 0"),
+])
+def test_bad_objective_settings(kwargs, message, llama_setup):
+    model, modules = llama_setup
+    attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
+    with pytest.raises(ConfigError, match=message):
+        build_objective(attached, adapt_examples(), objective_layout(model, ByteTokenizer()),
+                        **kwargs)
+    with pytest.raises(ConfigError, match="at least one ADAPT example"):
+        build_objective(attached, [], objective_layout(model, ByteTokenizer()))
