@@ -1,8 +1,9 @@
 """Where slim_jax finds local data: one setting for the whole library.
 
-The environment variable `SLIM_JAX_DATA_DIR` names the folder that holds the data sets (the layout of
-`shared/data`: `bbh/`, `commonsense/`, `gsm8k/`, `t0_templates/`, `tinystories260k/`, ...). Every command
-also takes `--data-dir`, which overrides it. Nothing in slim_jax hard-codes that path.
+The environment variable `SLIM_JAX_DATA_DIR` names the folder that holds the data sets (the
+layout of `shared/data`: `bbh/`, `commonsense/`, `gsm8k/`, `t0_templates/`, `tinystories260k/`,
+...). Every command also takes `--data-dir`, which overrides it. Nothing in slim_jax hard-codes
+that path.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from slim_jax.errors import DataError
 DATA_DIR_ENV = "SLIM_JAX_DATA_DIR"
 
 
-def data_dir(override: str | os.PathLike[str] | None = None, *, required: str | None = None) -> Path:
+def data_dir(
+    override: str | os.PathLike[str] | None = None, *, required: str | None = None
+) -> Path:
     """The local data folder: `override` if given, else `$SLIM_JAX_DATA_DIR`.
 
     Args:
@@ -44,6 +47,8 @@ def data_dir(override: str | os.PathLike[str] | None = None, *, required: str | 
     if not path.is_dir():
         raise DataError(f"data folder {path} does not exist (from {DATA_DIR_ENV} or --data-dir)")
     if required is not None and not (path / required).exists():
-        raise DataError(f"data folder {path} has no {required!r}: point {DATA_DIR_ENV} or --data-dir "
-                        "at a folder laid out like shared/data")
+        raise DataError(
+            f"data folder {path} has no {required!r}: point {DATA_DIR_ENV} or --data-dir "
+            "at a folder laid out like shared/data"
+        )
     return path

@@ -8,8 +8,8 @@ import os
 # is exercised on a plain CPU machine. Single-device code simply uses device 0.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -17,6 +17,21 @@ Module names are translated by each architecture's own Hugging Face mapping (`t5
 - `load_peft(model, dir)`: inject `LoRALinear` into the targeted layers and set their factors.
 - `save_peft(model, dir, base_model_name_or_path=...)`: write the model's LoRA adapters so that
   `peft.PeftModel.from_pretrained` loads them.
+
+>>> import tempfile
+>>> from slim_jax.models.t5 import T5, T5Config
+>>> cfg = T5Config(vocab_size=16, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_decoder_layers=1,
+...                num_heads=2)
+>>> model = T5(cfg, rngs=nnx.Rngs(0))
+>>> _ = inject(model, "Attention/(q|v)$", LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(1))
+>>> folder = tempfile.mkdtemp()
+>>> save_peft(model, folder, base_model_name_or_path="toy-t5").target_modules
+('q', 'v')
+>>> config, factors = load_peft_factors(folder, T5(cfg, rngs=nnx.Rngs(0)))
+>>> config.rank, factors["encoder/block/0/layer/0/SelfAttention/q"][0].shape
+(2, (8, 2))
+>>> load_peft(T5(cfg, rngs=nnx.Rngs(0)), folder)[:2]
+['decoder/block/0/layer/0/SelfAttention/q', 'decoder/block/0/layer/0/SelfAttention/v']
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ def next_token(
       logits: `[batch, vocab]` scores of the next token.
       key: PRNG key; unused (may be None) when `temperature == 0`.
       temperature: 0 for greedy (argmax), else logits are divided by it before sampling.
-      top_p: nucleus sampling: sample only among the most likely tokens whose probabilities sum to at
-        least `top_p` (the token that crosses the threshold is kept); 1 keeps all.
+      top_p: nucleus sampling: sample only among the most likely tokens whose probabilities sum
+        to at least `top_p` (the token that crosses the threshold is kept); 1 keeps all.
 
     Returns:
       `[batch]` int32 token ids.

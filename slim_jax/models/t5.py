@@ -562,6 +562,15 @@ class T5(nnx.Module):
 
         All rows share the positions (T5 decoding starts every row at the decoder start token).
         The caller keeps `state.index + s <= state.max_length` (a traced index is not checked).
+
+        >>> cfg = T5Config(vocab_size=16, d_model=8, d_kv=4, d_ff=8, num_layers=1,
+        ...                num_decoder_layers=1, num_heads=2)
+        >>> model = T5(cfg, rngs=nnx.Rngs(0))
+        >>> enc, mask = jnp.array([[5, 6, 1]]), jnp.array([[1, 1, 1]])
+        >>> state = model.init_decode_state(model.encode(enc, mask), mask, max_length=4)
+        >>> logits, state = model.decode(jnp.array([[cfg.decoder_start_token_id]]), state)
+        >>> logits.shape, int(state.index)
+        ((1, 1, 16), 1)
         """
         b, s = dec_tokens.shape
         max_len = state.max_length

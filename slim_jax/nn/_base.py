@@ -56,9 +56,13 @@ def kernel_axes(kernel: nnx.Variable) -> tuple[str | None, str | None]:
 
 
 def fork_stream(rngs: nnx.Rngs, collection: str, layer: str) -> nnx.RngStream:
-    """A fork of `rngs[collection]` (falling back to `default`), with a clear error if absent."""
+    """A new stream tagged `collection`, seeded from `rngs[collection]` (or `default`).
+
+    The tag is the collection's name even when the key came from `default`, so that
+    `nnx.reseed(model, **{collection: seed})` always reaches the layer's stream.
+    """
     try:
-        return rngs[collection].fork()
+        return nnx.RngStream(rngs[collection](), tag=collection)
     except KeyError as err:
         raise ConfigError(
             f"{layer} needs a random stream {collection!r} (or 'default'), but the given "

@@ -30,7 +30,8 @@ class LoRALinear(nnx.Linear):
     Args:
       in_features, out_features: d_in, d_out.
       config: the adapter.
-      rngs: initialises A (stream `params`) and, with dropout, forks stream `dropout`.
+      rngs: initialises A (stream `params`) and, with dropout, seeds a stream tagged "dropout"
+        from `rngs.dropout` (or `rngs.default`).
       base: an existing `nnx.Linear` to adapt (prefer `LoRALinear.from_linear`); None builds a
         fresh one from `**linear_kwargs`.
 

@@ -55,7 +55,9 @@ class SlimLinear(nnx.Linear):
     Args:
       in_features, out_features: d_in, d_out.
       config: the SLIM layer.
-      rngs: initialises the experts and router (stream `params`) and forks stream "slim".
+      rngs: initialises the experts and router (stream `params`) and seeds the layer's own
+        stream tagged "slim" from `rngs.slim` (or `rngs.default`), for cluster initialisation and
+        dynamic-merging masks.
       base: an existing `nnx.Linear` to adapt (prefer `SlimLinear.from_linear`).
       use_running_average: the initial mode.
 

@@ -28,7 +28,7 @@ def logits_and_k(draw):
     return logits.astype(np.float32), k
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(logits_and_k())
 def test_top_k_selects_k_largest_and_renormalises(case):
     logits, k = case
