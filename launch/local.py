@@ -63,7 +63,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 1,
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     status = 0
     try:
-        while any(p.poll() is None for p in procs):
+        while None in [p.poll() for p in procs]:  # a list: poll every process each round
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed and not status:
                 status = failed[0]

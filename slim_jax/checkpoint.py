@@ -91,7 +91,9 @@ class Checkpointer:
     ) -> None:
         if keep < 1:
             raise CheckpointError(f"keep must be >= 1 (checkpoints to keep), got {keep}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        directory = os.fspath(directory)
+        # Local paths are made absolute (orbax needs it); `gs://...` and the like stay as given.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )

@@ -17,11 +17,11 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 # Peak dense bf16 FLOP/s per device (chip), by `jax.Device.device_kind` prefix, from the vendors'
 # data sheets. Longest prefixes first so "TPU v5 lite" is not read as "TPU v5".
@@ -97,8 +97,9 @@ def batch_tokens(batch: dict[str, np.ndarray]) -> int:
 class MetricsLog:
     """Append one JSON object per line to `path` (None: keep nothing on disk).
 
-    Every record gets the wall-clock `time`. The file is opened per write, so it can be read
-    (and plotted) while the run goes on, and survives a crash up to the last line.
+    Every record gets the wall-clock `time`. A local file is appended to and can be read (and
+    plotted) while the run goes on; on object storage (`gs://...`), which cannot append, the
+    whole file is rewritten at each write.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
@@ -109,9 +110,13 @@ class MetricsLog:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
-        self.path = None if path is None else Path(path)
+        self.path = None if path is None else epath.Path(path)
+        self._remote = self.path is not None and "://" in str(self.path)
+        self._lines: list[str] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._remote and self.path.exists():
+                self._lines = self.path.read_text().splitlines(keepends=True)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append `record` (numbers, strings; numpy scalars are converted)."""
@@ -119,11 +124,16 @@ class MetricsLog:
             return
         clean = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items()}
         clean.setdefault("time", time.time())
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a metrics file, in order."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = epath.Path(path).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

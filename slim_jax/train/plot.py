@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from etils import epath
 
 from slim_jax.train.metrics import read_metrics
 
 
 def plot_loss(
     metrics_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None = None
-) -> Path:
+) -> epath.Path:
     """Draw loss (and cross-entropy, when an L1 term makes them differ) against step to a PNG.
 
     Args:
-      metrics_path: a `metrics.jsonl` written by the trainer (records with `step` and `loss`).
+      metrics_path: a `metrics.jsonl` written by the trainer (records with `step` and `loss`);
+        local or on object storage (`gs://...`), as the image.
       out_path: the image; default `loss.png` next to the metrics file.
 
     Returns:
@@ -34,7 +36,9 @@ def plot_loss(
     import matplotlib.pyplot as plt
 
     records = [r for r in read_metrics(metrics_path) if "loss" in r and "step" in r]
-    out = Path(out_path) if out_path is not None else Path(metrics_path).with_name("loss.png")
+    out = epath.Path(out_path if out_path is not None else metrics_path)
+    if out_path is None:
+        out = out.with_name("loss.png")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     steps = [r["step"] for r in records]
     ax.plot(steps, [r["loss"] for r in records], label="loss")
@@ -45,6 +49,7 @@ def plot_loss(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    with out.open("wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return out

@@ -70,10 +70,16 @@ def split_model(
 
 
 def merge_model(
-    graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, mutable: nnx.State
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    frozen: nnx.State,
+    mutable: nnx.State,
+    *,
+    copy: bool = False,
 ) -> nnx.Module:
-    """The model again, from the pieces `split_model` returned."""
-    return nnx.merge(graphdef, params, frozen, mutable)
+    """The model again, from the pieces `split_model` returned; `copy=True` gives it its own
+    Variables (changing the model then leaves the states as they were)."""
+    return nnx.merge(graphdef, params, frozen, mutable, copy=copy)
 
 
 def resolve_frozen_dtype(name: str, platform: str | None = None) -> jnp.dtype | None:

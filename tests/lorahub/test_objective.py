@@ -19,6 +19,8 @@ from slim_jax.lorahub import (
 )
 from tests.lorahub.conftest import adapt_examples
 
+value = jax.jit(lambda objective, w: objective(w))
+
 
 def _set_path(model: nnx.Module, path: str, kernel: np.ndarray) -> None:
     node = model
@@ -49,19 +51,38 @@ def _token_ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
 
 
+@nnx.jit
+def _forward(model, enc_or_tokens, dec, segments):
+    if dec is None:
+        return model(enc_or_tokens)
+    return model(enc_or_tokens, dec, enc_segment_ids=segments)
+
+
+def _pad(ids, length: int) -> np.ndarray:
+    out = np.full(length, 3, np.int32)  # any token: causal attention or the mask hides it
+    out[:len(ids)] = ids
+    return out
+
+
 def _example_ce(model, prompt: str, target: str, encoder_decoder: bool) -> np.ndarray:
-    """Per-target-token CE of one example, alone (no padding): the reference's labels."""
+    """Per-target-token CE of one example on its own (the reference's -100 labels dropped).
+
+    Inputs are right-padded to 64 so that one compiled forward serves every example: the causal
+    and decoder positions read only what precedes them, the encoder padding is masked.
+    """
     tok = ByteTokenizer()
     if encoder_decoder:
-        enc = np.array(tok.encode(prompt, add_eos=True))
+        enc = tok.encode(prompt, add_eos=True)
         labels = np.array(tok.encode(target, add_eos=True))
         dec = np.concatenate([[0], labels[:-1]])
-        logits = np.asarray(model(jnp.asarray(enc[None]), jnp.asarray(dec[None])))[0]
-        return _token_ce(logits, labels)
+        segments = (np.arange(64) < len(enc)).astype(np.int32)[None]
+        logits = _forward(model, jnp.asarray(_pad(enc, 64)[None]),
+                          jnp.asarray(_pad(dec, 64)[None]), jnp.asarray(segments))
+        return _token_ce(np.asarray(logits)[0, :len(labels)], labels)
     prompt_ids = tok.encode(prompt, add_bos=True)
     seq = np.array(prompt_ids + tok.encode(target, add_eos=True))
-    logits = np.asarray(model(jnp.asarray(seq[None, :-1])))[0]
-    ce = _token_ce(logits, seq[1:])
+    logits = np.asarray(_forward(model, jnp.asarray(_pad(seq[:-1], 64)[None]), None, None))[0]
+    ce = _token_ce(logits[:len(seq) - 1], seq[1:])
     return ce[len(prompt_ids) - 1:]  # only the target tokens and their EOS
 
 
@@ -88,7 +109,7 @@ def test_objective_equals_numpy_reference(family, batch_size, mode, llama_setup,
     objective = build_objective(attached, examples, objective_layout(model, ByteTokenizer()),
                                 batch_size=batch_size, mode=mode)
     w = np.array([0.7, -0.4, 1.2, 0.3])
-    got = float(jax.jit(lambda o, w: o(w))(objective, jnp.asarray(w, jnp.float32)))
+    got = float(value(objective, jnp.asarray(w, jnp.float32)))
     want = reference_objective(model, modules, w, examples, batch_size=batch_size or 5,
                                encoder_decoder=family == "t5", mode=mode)
     assert got == pytest.approx(want, rel=1e-5)
@@ -114,13 +135,14 @@ def test_population_equals_each_candidate_alone(family, llama_setup, t5_setup):
     attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
     objective = build_objective(attached, adapt_examples(),
                                 objective_layout(model, ByteTokenizer()))
-    weights = jax.random.uniform(jax.random.key(0), (8, 4), minval=-1.5, maxval=1.5)
+    weights = jax.random.uniform(jax.random.key(0), (6, 4), minval=-1.5, maxval=1.5)
     together = np.asarray(score_candidates(objective, weights))
-    alone = np.array([float(jax.jit(lambda o, w: o(w))(objective, w)) for w in weights])
-    sequential = np.asarray(score_candidates(objective, weights, scoring="sequential"))
+    alone = np.array([float(value(objective, w)) for w in weights])
     np.testing.assert_allclose(together, alone, rtol=1e-5)
-    np.testing.assert_allclose(sequential, alone, rtol=1e-5)
-    assert len(np.unique(together.round(6))) == 8  # the candidates really differ
+    assert len(np.unique(together.round(6))) == 6  # the candidates really differ
+    if family == "llama":
+        sequential = np.asarray(score_candidates(objective, weights, scoring="sequential"))
+        np.testing.assert_allclose(sequential, alone, rtol=1e-5)
 
 
 def test_population_split_over_devices_equals_one_device(llama_setup):

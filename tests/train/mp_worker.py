@@ -1,5 +1,5 @@
 """Worker of test_multiprocess.py, started by launch/local.py: joins the jax.distributed job,
-trains the tiny SLIM model for 3 steps over all processes' devices (each process feeding its slice
+trains the tiny LoRA model for 3 steps over all processes' devices (each process feeding its slice
 of every global batch), checkpoints, and writes its losses to `<out>/losses_<process>.json`.
 
 Usage: python tests/train/mp_worker.py OUT_DIR
@@ -27,7 +27,7 @@ def main(out_dir: str) -> None:
     import tiny
 
     out = Path(out_dir)
-    trainer = Trainer(tiny.tiny_model(), tiny.train_config(MeshConfig(data=-1), steps=3,
+    trainer = Trainer(tiny.tiny_model("lora"), tiny.train_config(MeshConfig(data=-1), steps=3,
                                                            run_dir=str(out / "run")))
     batches = tiny.batches(8, process_index=info.process_index, process_count=info.process_count)
     result = trainer.fit(batches)

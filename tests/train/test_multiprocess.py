@@ -45,7 +45,7 @@ def test_two_processes_reach_the_losses_of_one(tiny, tmp_path):
     job = _start(tmp_path, processes=2, devices_per_process=2)  # runs while this one trains
     try:
         # One process, the same mesh shape: data=4 over 4 of this process's devices.
-        trainer = Trainer(tiny.tiny_model(), tiny.train_config(MeshConfig(data=4), steps=3),
+        trainer = Trainer(tiny.tiny_model("lora"), tiny.train_config(MeshConfig(data=4), steps=3),
                           devices=jax.devices()[:4])
         single = [r["loss"] for r in trainer.fit(tiny.batches(8)).history]
     finally:

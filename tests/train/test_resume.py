@@ -48,9 +48,9 @@ def _losses(result) -> list[float]:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    trainer = Trainer(tiny.tiny_model(), tiny.train_config(run_dir=str(run_dir), save_every=1,
-                                                           keep_checkpoints=2),
-                      devices=jax.devices()[:1])
+    config = tiny.train_config(run_dir=str(run_dir), save_every=1, keep_checkpoints=2,
+                               async_checkpoint=True)
+    trainer = Trainer(tiny.tiny_model(), config, devices=jax.devices()[:1])
     return run_dir, trainer.fit(tiny.batches(8))
 
 

@@ -1,0 +1,242 @@
+"""Configuration of `python -m experiments.slim_finetune`, and its named presets.
+
+The experiment's config is a tree of frozen dataclasses (`SlimExperiment`), every field a flag of
+the command line (`experiments.config_cli`). The adapter of the full SLIM method is the library's
+own `SlimConfig` and the training run its `TrainConfig`, so their fields are overridable as they
+are (`--slim.top-k 1`, `--train.optimizer.learning-rate 1e-3`).
+
+Presets:
+- `cpu` (the default): the real pretrained TinyStories model (llama2.c `stories260K`, 260K
+  parameters) learning AG News topic classification (Business vs Science and technology) from
+  all 7 of its T0 templates; general capability on stories the base model writes. Sized to run
+  all six methods over three seeds in minutes on a laptop CPU.
+- `pod_multi`: the paper's multi-dataset run: an 8B Llama-3-class model (OpenChat-3.6, the
+  paper's OpenChat-8B family; a hub id or local folder) on OpenBookQA + SIQA + BoolQ, forgetting
+  on MMLU, GSM8K and PIQA; 2 epochs, batch 16, FSDP over every device.
+- `pod_csqa`, `pod_hellaswag`, `pod_winogrande`, `pod_arc_e`, `pod_arc_c`: the paper's single-data-
+  set runs, otherwise as `pod_multi`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from experiments.slim_methods import METHODS
+from slim_jax.errors import ConfigError
+from slim_jax.nn import SlimConfig
+from slim_jax.parallel import MeshConfig
+from slim_jax.train import OptimizerConfig, TrainConfig
+
+AG_NEWS_TEMPLATES: tuple[str, ...] = (
+    "ag_news_classify",
+    "ag_news_classify_question_first",
+    "ag_news_classify_with_choices",
+    "ag_news_classify_with_choices_question_first",
+    "ag_news_recommend",
+    "ag_news_which_section",
+    "ag_news_which_section_choices",
+)
+ALL_PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj$"
+POD_MODEL = "openchat/openchat-3.6-8b-20240522"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The base model.
+
+    Attributes:
+      kind: "llama2c" (a folder with llama2.c's checkpoint_v1.bin and tokenizer.bin) or "hf"
+        (a Hugging Face Llama-family checkpoint: local folder or hub id).
+      path: the folder or hub id; a relative llama2c folder is looked up in the data folder.
+      dtype: compute dtype ("float32", "bfloat16").
+      param_dtype: parameter dtype of the loaded base.
+    """
+
+    kind: Literal["llama2c", "hf"] = "llama2c"
+    path: str = "tinystories260k"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """The downstream task fine-tuning learns.
+
+    Attributes:
+      kind: "t0" (T0 classification templates of one source, split by item), "commonsense"
+        (LLM-Adapters sets mixed; from the data folder, else the hub) or "gsm8k".
+      names: the templates (t0) or sets (commonsense); ignored for gsm8k.
+      test_fraction: t0: share of items held out for test, per label.
+      split_seed: seed of the split and of any subsample.
+      max_train: cap on training examples (per set for commonsense); none for all.
+      max_test: cap on test examples (per set for commonsense); none for all.
+    """
+
+    kind: Literal["t0", "commonsense", "gsm8k"] = "t0"
+    names: tuple[str, ...] = AG_NEWS_TEMPLATES
+    test_fraction: float = 0.25
+    split_seed: int = 0
+    max_train: int | None = None
+    max_test: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralSpec:
+    """General capability, measured before and after fine-tuning; forgetting is its drop.
+
+    Attributes:
+      kind: "stories" (stories the base model writes from BOS: held-out NLL, agreement with the
+        base model's next-token distribution; for small vocabularies) or "benchmarks" (accuracy
+        on `benchmarks`).
+      num_stories: stories sampled.
+      story_tokens: the longest story, in tokens.
+      story_seed: seed of the story sampling.
+      story_temperature: sampling temperature of the stories.
+      benchmarks: "mmlu" (hub cais/mmlu), "gsm8k", or commonsense sets such as "piqa".
+      max_examples: cap per benchmark (seeded subsample); none for all.
+    """
+
+    kind: Literal["stories", "benchmarks"] = "stories"
+    num_stories: int = 32
+    story_tokens: int = 192
+    story_seed: int = 1234
+    story_temperature: float = 1.0
+    benchmarks: tuple[str, ...] = ()
+    max_examples: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """How accuracies are measured.
+
+    Attributes:
+      mode: "generate" (greedy decoding, answer extracted) or "likelihood" (best-scoring choice).
+      max_new_tokens: tokens generated per downstream answer.
+      benchmark_max_new_tokens: tokens generated per benchmark answer (GSM8K needs a solution).
+      max_length: prompt + answer positions (longer prompts keep BOS and their end).
+      batch_size: prompts per generation call / rows per scoring pass.
+      length_normalized: likelihood mode: compare mean per-token log-probabilities.
+    """
+
+    mode: Literal["generate", "likelihood"] = "generate"
+    max_new_tokens: int = 8
+    benchmark_max_new_tokens: int = 256
+    max_length: int = 256
+    batch_size: int = 32
+    length_normalized: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Training batches.
+
+    Attributes:
+      batch_size: rows per global batch.
+      seq_len: row length; longer examples keep BOS and the end of the prompt.
+      epochs: when > 0, train this many passes over the training set (sets train.steps).
+      pack: pack several examples per row.
+    """
+
+    batch_size: int = 8
+    seq_len: int = 256
+    epochs: float = 0.0
+    pack: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimExperiment:
+    """The SLIM experiment: methods x seeds on one task, downstream accuracy and forgetting.
+
+    Attributes:
+      preset: the preset these values started from (recorded; choose it with --preset).
+      methods: methods to compare (see experiments/slim_methods.py).
+      seeds: seeds; each method trains once per seed (adapter init, data order, masks).
+      out: the run folder (created; results, plots, adapters, config and command go there).
+      data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
+      targets: regex over linear-layer paths that get adapters.
+      num_devices: devices to use (0: all).
+      compilation_cache: folder of JAX's persistent compilation cache (seeds after the first reuse
+        the compiled programs); none turns it off.
+      model: the base model.
+      task: the downstream task.
+      general: the general-capability measure.
+      eval: accuracy measurement.
+      data: training batches.
+      slim: the full SLIM method's adapter; the ablations change single fields of it.
+      train: the training run (the same for every method; run_dir and seed are set per run).
+    """
+
+    preset: str = "cpu"
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    out: str = "runs/slim_finetune"
+    data_dir: str | None = None
+    targets: str = ALL_PROJECTIONS
+    num_devices: int = 0
+    compilation_cache: str | None = "~/.cache/slim_jax/xla"
+    model: ModelSpec = ModelSpec()
+    task: TaskSpec = TaskSpec()
+    general: GeneralSpec = GeneralSpec()
+    eval: EvalSpec = EvalSpec()
+    data: DataSpec = DataSpec()
+    slim: SlimConfig = dataclasses.field(default_factory=SlimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+CPU = SlimExperiment(
+    preset="cpu",
+    slim=SlimConfig(num_lora_experts=4, num_identity_experts=2, top_k=2, rank=4, alpha=8,
+                    num_clusters=4, dropmerge_p=0.3),
+    train=TrainConfig(
+        steps=120, l1_coeff=1e-3, log_every=5, save_every=0, keep_checkpoints=1,
+        async_checkpoint=False, progress=False, mesh=MeshConfig(data=-1),
+        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=10, final_lr_ratio=0.1),
+    ),
+)
+
+
+def _pod(names: tuple[str, ...], preset: str) -> SlimExperiment:
+    return SlimExperiment(
+        preset=preset,
+        out=f"runs/slim_{preset}",
+        num_devices=0,
+        model=ModelSpec(kind="hf", path=POD_MODEL, dtype="bfloat16", param_dtype="bfloat16"),
+        task=TaskSpec(kind="commonsense", names=names),
+        general=GeneralSpec(kind="benchmarks", benchmarks=("mmlu", "gsm8k", "piqa")),
+        eval=EvalSpec(mode="generate", max_new_tokens=32, benchmark_max_new_tokens=256,
+                      max_length=1024, batch_size=64),
+        data=DataSpec(batch_size=16, seq_len=1024, epochs=2.0),
+        slim=SlimConfig(num_lora_experts=8, num_identity_experts=2, top_k=2, rank=16, alpha=32,
+                        num_clusters=8, dropmerge_p=0.3),
+        train=TrainConfig(
+            steps=1000, l1_coeff=1e-3, log_every=10, save_every=500, keep_checkpoints=1,
+            frozen_dtype="bfloat16", progress=True, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+            optimizer=OptimizerConfig(learning_rate=2e-4, warmup_steps=100),
+        ),
+    )
+
+
+PRESETS: dict[str, SlimExperiment] = {
+    "cpu": CPU,
+    "pod_multi": _pod(("openbookqa", "social_i_qa", "boolq"), "pod_multi"),
+    "pod_csqa": _pod(("commonsense_qa",), "pod_csqa"),
+    "pod_hellaswag": _pod(("hellaswag",), "pod_hellaswag"),
+    "pod_winogrande": _pod(("winogrande",), "pod_winogrande"),
+    "pod_arc_e": _pod(("ARC-Easy",), "pod_arc_e"),
+    "pod_arc_c": _pod(("ARC-Challenge",), "pod_arc_c"),
+}
+
+
+def preset(name: str) -> SlimExperiment:
+    """The preset called `name`.
+
+    Raises:
+      ConfigError: an unknown name (listing the presets).
+
+    >>> preset("cpu").model.path
+    'tinystories260k'
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,312 @@
+"""LoRAHub's BIG-Bench Hard protocol (LORAHUB.md s5): module draws, runs, baselines, scores.
+
+Per task: the K ADAPT examples (`BBHTask.adapt_split`: `random.Random(42).sample`, kept out of the
+test set), then
+- baselines: zero-shot (the base model), in-context learning with the same K examples in the
+  prompt;
+- for each run s = 1..R, the modules of `module_draws` (the reference's `random.seed(s);
+  random.sample(names, 20)`): the uniform average `w_i = 1/N`, the best single module by ADAPT
+  objective, and every search method (`slim_jax.lorahub.search`) over the same objective and
+  budget; the found weights are merged once and the test set answered greedily.
+Scores are exact match x 100 (`slim_jax.data.exact_match_score`).
+
+Attaching a library puts `LoRALinear` layers on the model's adapted layers in place; until a
+composition is merged they compute the base function (zero B), so the model stays usable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from slim_jax.data import BBHTask, exact_match_score
+from slim_jax.errors import ConfigError
+from slim_jax.lorahub.library import AttachedLibrary, LoRAModule, ModuleLibrary
+from slim_jax.lorahub.objective import (
+    L1_COEFF,
+    LOSS_MODES,
+    MAX_LENGTH,
+    LossMode,
+    build_objective,
+    objective_layout,
+)
+from slim_jax.lorahub.predict import greedy_answers
+from slim_jax.lorahub.search import BOUND, SEARCHES, score_candidates, search
+from slim_jax.tokenizer import Tokenizer
+
+BASELINES = ("zero_shot", "icl")
+RUN_BASELINES = ("uniform", "best_single")
+
+
+def module_draws(names: Sequence[str], runs: int = 5, per_run: int = 20) -> list[list[str]]:
+    """The modules of runs 1..`runs`: `random.seed(s); random.sample(names, per_run)`.
+
+    The reference seeds Python's global generator; `random.Random(s)` draws the same.
+
+    >>> ids = [f"m{i}" for i in range(196)]
+    >>> [int(n[1:]) for n in module_draws(ids, runs=1)[0][:4]]
+    [34, 145, 195, 16]
+    """
+    if runs < 1:
+        raise ConfigError(f"runs must be >= 1, got {runs}")
+    if not 1 <= per_run <= len(names):
+        raise ConfigError(f"cannot draw {per_run} modules per run from {len(names)} modules; "
+                          f"choose 1 <= modules_per_run <= {len(names)}")
+    return [random.Random(seed).sample(list(names), per_run) for seed in range(1, runs + 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    """The algorithmic settings of a LoRAHub BBH run.
+
+    Attributes:
+      k: ADAPT examples per task (5).
+      adapt_seed: seed of the ADAPT draw (42).
+      runs: module draws, s = 1..runs (5).
+      modules_per_run: N modules per draw (20).
+      methods: search methods run on every draw ("cmaes", "cobyla", "gradient").
+      baselines: which of zero_shot, icl, uniform, best_single to compute.
+      budget: objective evaluations per search (40, the reference's).
+      population_size: CMA-ES candidates per generation.
+      sigma: CMA-ES initial step size.
+      learning_rate: the gradient search's Adam step.
+      bound: the box of the weights (1.5).
+      objective_mode: "compat" (the reference's loss) or "mean".
+      l1_coeff: the L1 weight (0.05).
+      batch_size: ADAPT examples per objective batch; None: all K in one.
+      max_length: truncation of inputs and targets (2048; decoder-only: also the positions).
+      max_new_tokens: greedy decoding length (256).
+      generation_batch_size: test prompts decoded together.
+      max_test_examples: score on the first this many test examples (None: all).
+      seed: added to the run index for the searches' seeds.
+    """
+
+    k: int = 5
+    adapt_seed: int = 42
+    runs: int = 5
+    modules_per_run: int = 20
+    methods: tuple[str, ...] = ("cmaes", "cobyla")
+    baselines: tuple[str, ...] = (*BASELINES, *RUN_BASELINES)
+    budget: int = 40
+    population_size: int = 8
+    sigma: float = 0.5
+    learning_rate: float = 0.05
+    bound: float = BOUND
+    objective_mode: LossMode = "compat"
+    l1_coeff: float = L1_COEFF
+    batch_size: int | None = None
+    max_length: int = MAX_LENGTH
+    max_new_tokens: int = 256
+    generation_batch_size: int = 64
+    max_test_examples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in SEARCHES]
+        if unknown:
+            raise ConfigError(f"unknown search method(s) {unknown}; choose from {sorted(SEARCHES)}")
+        bad = [b for b in self.baselines if b not in (*BASELINES, *RUN_BASELINES)]
+        if bad:
+            raise ConfigError(f"unknown baseline(s) {bad}; choose from "
+                              f"{[*BASELINES, *RUN_BASELINES]}")
+        if self.objective_mode not in LOSS_MODES:
+            raise ConfigError(f"objective_mode must be one of {LOSS_MODES}, got "
+                              f"{self.objective_mode!r}")
+        if self.k < 1:
+            raise ConfigError(f"k (ADAPT examples) must be >= 1, got {self.k}")
+        if "cmaes" in self.methods and self.budget < self.population_size:
+            raise ConfigError(f"a budget of {self.budget} evaluations is smaller than one CMA-ES "
+                              f"generation of population_size={self.population_size}; give "
+                              f"budget >= {self.population_size} or a smaller population")
+        if self.budget < 1 or self.runs < 1 or self.modules_per_run < 1:
+            raise ConfigError("budget, runs and modules_per_run must be >= 1, got "
+                              f"{self.budget}, {self.runs}, {self.modules_per_run}")
+        if self.max_test_examples is not None and self.max_test_examples < 1:
+            raise ConfigError(f"max_test_examples must be >= 1 or None, got "
+                              f"{self.max_test_examples}")
+
+    def search_options(self, method: str, run: int) -> dict[str, Any]:
+        """Keyword options of `search(objective, method, ...)` for run `run` (1-based)."""
+        options: dict[str, Any] = {"budget": self.budget, "bound": self.bound}
+        if method == "cmaes":
+            options |= {"population_size": self.population_size, "sigma": self.sigma,
+                        "seed": self.seed + run}
+        elif method == "gradient":
+            options |= {"learning_rate": self.learning_rate}
+        return options
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One module draw of one task.
+
+    Attributes:
+      run: s (1-based).
+      modules: the drawn module names, in weight order.
+      scores: exact match x 100 per method ("uniform", "best_single", "cmaes", ...).
+      objectives: the ADAPT objective of each method's weights.
+      weights: each method's weights.
+      histories: each search's best-so-far objective after every evaluation.
+      seconds: each search's wall time.
+      best_single: the name of the best single module.
+    """
+
+    run: int
+    modules: list[str]
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    objectives: dict[str, float] = dataclasses.field(default_factory=dict)
+    weights: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    histories: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    best_single: str | None = None
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """All scores of one BBH task.
+
+    Attributes:
+      task: the task name.
+      num_adapt, num_test: examples used for the objective and for scoring.
+      baselines: exact match x 100 of "zero_shot" and "icl".
+      runs: one `RunResult` per module draw.
+      examples: a few (prompt, target, zero-shot answer) triples, for reading what models say.
+    """
+
+    task: str
+    num_adapt: int
+    num_test: int
+    baselines: dict[str, float]
+    runs: list[RunResult]
+    examples: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+    def method_scores(self, method: str) -> list[float]:
+        """The scores of a per-run method over the runs."""
+        return [r.scores[method] for r in self.runs if method in r.scores]
+
+
+Progress = Callable[[str], None]
+
+
+def run_bbh_task(
+    task: BBHTask,
+    model: nnx.Module,
+    tokenizer: Tokenizer,
+    modules: Mapping[str, LoRAModule],
+    draws: Sequence[Sequence[str]],
+    config: ProtocolConfig = ProtocolConfig(),
+    *,
+    progress: Progress | None = None,
+) -> TaskResult:
+    """LoRAHub on one BBH task: baselines, then every draw's baselines and searches.
+
+    Args:
+      task: from `slim_jax.data.load_bbh`.
+      model: the base `Llama` or `T5`; LoRA layers are attached to it in place (module
+        docstring).
+      tokenizer: its tokenizer.
+      modules: every module a draw names, by name.
+      draws: the module names of each run (`module_draws`).
+      config: the protocol's settings.
+      progress: called with a short label after each step (a progress bar's update).
+
+    Raises:
+      ConfigError: K larger than the task's examples (naming the task), a draw naming a module
+        not in `modules`.
+      LibraryError: modules that cannot be composed (naming the odd one).
+    """
+    note = progress or (lambda label: None)
+    adapt, test = task.adapt_split(config.k, config.adapt_seed)
+    if config.max_test_examples is not None:
+        test = test[:config.max_test_examples]
+    if not test:
+        raise ConfigError(f"BBH task {task.name!r} has no test example left after the "
+                          f"{config.k} ADAPT examples")
+    targets = [e.target for e in test]
+    answer = _answerer(tokenizer, config, targets)
+    zero_shot_prompts = [task.prompt(e.input) for e in test]
+
+    baselines: dict[str, float] = {}
+    base_answers: list[str] = []
+    if "zero_shot" in config.baselines:
+        base_answers = greedy_answers(model, tokenizer, zero_shot_prompts,
+                                      max_new_tokens=config.max_new_tokens,
+                                      batch_size=config.generation_batch_size,
+                                      max_length=config.max_length)
+        baselines["zero_shot"] = exact_match_score(base_answers, targets)
+        note("zero-shot")
+    if "icl" in config.baselines:
+        baselines["icl"] = answer(model, [task.icl_prompt(adapt, e.input) for e in test])
+        note("in-context")
+
+    layout = objective_layout(model, tokenizer, config.max_length)
+    runs = []
+    for run, names in enumerate(draws, start=1):
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ConfigError(f"run {run} draws modules that were not loaded: {missing[:5]}")
+        attached = ModuleLibrary.from_modules([modules[n] for n in names]).attach(model)
+        objective = build_objective(attached, task.as_examples(adapt), layout,
+                                    batch_size=config.batch_size, mode=config.objective_mode,
+                                    l1_coeff=config.l1_coeff)
+        result = RunResult(run, list(names))
+        n = attached.num_modules
+        candidates: dict[str, np.ndarray] = {}
+        if "uniform" in config.baselines:
+            candidates["uniform"] = np.full(n, 1.0 / n, np.float32)
+        if "best_single" in config.baselines:
+            singles = np.asarray(score_candidates(objective, jnp.eye(n)))
+            best = int(np.argmin(singles))
+            candidates["best_single"] = np.eye(n, dtype=np.float32)[best]
+            result.best_single = names[best]
+        if candidates:
+            values = np.asarray(score_candidates(objective, jnp.asarray(np.stack(
+                list(candidates.values())))))
+            for (name, w), v in zip(candidates.items(), values, strict=True):
+                result.objectives[name] = float(v)
+                result.weights[name] = w.tolist()
+        for method in config.methods:
+            found = search(objective, method, **config.search_options(method, run))
+            candidates[method] = found.weights
+            result.objectives[method] = found.objective
+            result.weights[method] = np.asarray(found.weights).tolist()
+            result.histories[method] = found.history.tolist()
+            result.seconds[method] = found.seconds
+        for name, w in candidates.items():
+            result.scores[name] = answer(_merged(attached, w), zero_shot_prompts)
+            note(f"run {run} {name}")
+        runs.append(result)
+
+    shown = [{"prompt": p, "target": t, "zero_shot": a}
+             for p, t, a in zip(zero_shot_prompts[:3], targets[:3], base_answers[:3],
+                                strict=False)]
+    return TaskResult(task.name, len(adapt), len(test), baselines, runs, shown)
+
+
+def _merged(attached: AttachedLibrary, weights: np.ndarray) -> nnx.Module:
+    return attached.merged_model(jnp.asarray(weights, jnp.float32))
+
+
+def _answerer(tokenizer: Tokenizer, config: ProtocolConfig, targets: list[str]
+              ) -> Callable[[nnx.Module, list[str]], float]:
+    def answer(model: nnx.Module, prompts: list[str]) -> float:
+        predictions = greedy_answers(model, tokenizer, prompts,
+                                     max_new_tokens=config.max_new_tokens,
+                                     batch_size=config.generation_batch_size,
+                                     max_length=config.max_length)
+        return exact_match_score(predictions, targets)
+
+    return answer
+
+
+def steps_per_task(config: ProtocolConfig) -> int:
+    """How many `progress` notes `run_bbh_task` makes (for a progress bar's total)."""
+    per_run = len([b for b in config.baselines if b in RUN_BASELINES]) + len(config.methods)
+    return len([b for b in config.baselines if b in BASELINES]) + config.runs * per_run
+

@@ -1,0 +1,202 @@
+"""Upstream LoRA modules: train one LoRA per T0 template task with the shared trainer, save PEFT.
+
+LoRAHub composes modules trained on FLAN tasks (`lorahub/flan_t5_large-<task>`). The data folder's
+`t0_templates/` holds prompted tasks of which many carry exactly those `<task>` names, so modules
+of the same names can be trained locally, for any base model (`upstream_task_names` lists them in
+the reference's file order, which fixes the draws).
+
+`train_module` fits a fresh LoRA adapter (PEFT's initialisation: A Kaiming-uniform, B zero) on one
+task's (prompt, completion) pairs with `slim_jax.train.Trainer` (cross-entropy on the completion
+and its EOS) and returns it as a `LoRAModule`; `save_module` writes it as a PEFT adapter directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from slim_jax.core.lora import init_lora_a, init_lora_b
+from slim_jax.data import BatchIterator, Example, load_t0_template, tokenize_examples
+from slim_jax.data.layout import Layout
+from slim_jax.data.sets import DataDir
+from slim_jax.errors import ConfigError, DataError
+from slim_jax.lorahub.library import LibraryError, LoRAModule, module_from_model
+from slim_jax.nn import LoRAConfig, LoRALinear, adapted_layers, inject
+from slim_jax.settings import data_dir as resolve_data_dir
+from slim_jax.train import TrainConfig, Trainer
+
+MODULE_NAMES_FILE = "lorahub_module_names.txt"
+MODULE_PREFIX = "lorahub/flan_t5_large-"
+
+
+def read_module_ids(path: str | os.PathLike[str] | None = None, data_dir: DataDir = None
+                    ) -> list[str]:
+    """The published LoRAHub module ids in the reference's order (one per line).
+
+    Args:
+      path: the id file; default `<data_dir>/lorahub_module_names.txt`.
+      data_dir: the data folder (default `slim_jax.settings.data_dir()`).
+    """
+    if path is None:
+        path = resolve_data_dir(data_dir, required=MODULE_NAMES_FILE) / MODULE_NAMES_FILE
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"module id file {path} does not exist (one LoRAHub module id a line)")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"module id file {path} holds no ids")
+    return ids
+
+
+def task_of(module_id: str) -> str:
+    """The task name of a module id: `lorahub/flan_t5_large-wiqa` -> `wiqa`.
+
+    >>> task_of("lorahub/flan_t5_large-quoref_What_Is_The_Answer")
+    'quoref_What_Is_The_Answer'
+    """
+    return module_id.rsplit("/", 1)[-1].removeprefix("flan_t5_large-")
+
+
+def upstream_task_names(data_dir: DataDir = None, module_ids: Sequence[str] | None = None
+                        ) -> list[str]:
+    """Tasks of the LoRAHub module ids (file order) that have a non-empty T0 template file."""
+    root = resolve_data_dir(data_dir, required="t0_templates") / "t0_templates"
+    ids = read_module_ids(data_dir=data_dir) if module_ids is None else module_ids
+    names = [task_of(i) for i in ids]
+    return [n for n in names if (root / f"{n}.jsonl").is_file()
+            and (root / f"{n}.jsonl").stat().st_size > 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamConfig:
+    """How each upstream module is trained.
+
+    Attributes:
+      lora: rank, alpha (LoRAHub's r=16, alpha=32), dropout of every module.
+      targets: regex over layer paths of the adapted linears (T5: `(q|v)$`; Llama: `(q|v)_proj$`).
+      train: the trainer's settings (steps, optimiser, mesh, ...).
+      batch_size: global batch rows.
+      pack: pack several examples per row (decoder-only layouts).
+      max_examples: use at most this many examples of a task (None: all).
+    """
+
+    lora: LoRAConfig = LoRAConfig(rank=16, alpha=32.0)
+    targets: str = r"(q|v)_proj$"
+    train: TrainConfig = TrainConfig(steps=100, progress=False, save_every=0)
+    batch_size: int = 8
+    pack: bool = True
+    max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        try:
+            re.compile(self.targets)
+        except re.error as err:
+            raise ConfigError(f"targets {self.targets!r} is not a regular expression: "
+                              f"{err}") from err
+
+
+def prepare_model(model: nnx.Module, config: UpstreamConfig) -> list[str]:
+    """Put LoRA layers of `config.lora` on the target layers of `model` (in place), once.
+
+    Returns the adapted paths. Layers already adapted with the same rank and scale are kept.
+
+    Raises:
+      LibraryError: existing adapters of another kind, rank or scale.
+    """
+    layers = adapted_layers(model)
+    if not layers:
+        return inject(model, config.targets, config.lora, rngs=nnx.Rngs(0))
+    for path, layer in layers.items():
+        if (not isinstance(layer, LoRALinear)
+                or (layer.config.rank, layer.config.scale) != (config.lora.rank,
+                                                               config.lora.scale)):
+            raise LibraryError(f"layer {path} already holds an adapter that is not a LoRA of "
+                               f"rank {config.lora.rank} and scale {config.lora.scale}")
+    return list(layers)
+
+
+def reset_adapters(model: nnx.Module, seed: int) -> None:
+    """Re-initialise every LoRA layer: A as its config says (from `seed`), B zero."""
+    key = jax.random.key(seed)
+    for layer in adapted_layers(model).values():
+        key, sub = jax.random.split(key)
+        cfg = layer.config
+        layer.lora_a.set_value(init_lora_a(sub, layer.lora_a.shape, cfg.init_a,
+                                           layer.lora_a.dtype))
+        layer.lora_b.set_value(init_lora_b(layer.lora_b.shape, layer.lora_b.dtype))
+
+
+def train_module(
+    model: nnx.Module,
+    layout: Layout,
+    examples: Sequence[Example],
+    name: str,
+    config: UpstreamConfig = UpstreamConfig(),
+    *,
+    seed: int = 0,
+) -> tuple[LoRAModule, list[dict[str, float]]]:
+    """Train a fresh LoRA module on `examples`: `(module, the trainer's per-step records)`.
+
+    The model gets LoRA layers on `config.targets` (in place, once: `prepare_model`), which are
+    re-initialised from `seed`; `Trainer` (which never modifies the model it is given) trains a
+    copy of the adapters, and the trained factors come back as a `LoRAModule` named `name`.
+
+    Raises:
+      ConfigError / DataError: bad settings, no examples, fewer examples than one batch.
+    """
+    if not examples:
+        raise DataError(f"task {name!r} has no examples to train on")
+    if config.max_examples is not None:
+        examples = examples[:config.max_examples]
+    prepare_model(model, config)
+    reset_adapters(model, seed)
+    data = tokenize_examples(examples, layout)
+    batches = BatchIterator(data, layout, global_batch_size=config.batch_size, seed=seed,
+                            pack=config.pack)
+    train = dataclasses.replace(config.train, seed=seed)
+    trainer = Trainer(model, train)
+    result = trainer.fit(batches)
+    return module_from_model(trainer.model(), name), result.history
+
+
+def train_task_module(
+    model: nnx.Module,
+    layout: Layout,
+    task: str,
+    config: UpstreamConfig = UpstreamConfig(),
+    *,
+    data_dir: DataDir = None,
+    seed: int = 0,
+) -> tuple[LoRAModule, list[dict[str, float]]]:
+    """`train_module` on the T0 template task `task` of the data folder."""
+    return train_module(model, layout, load_t0_template(task, data_dir), task, config, seed=seed)
+
+
+def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathLike[str], *,
+                base_model_name_or_path: str) -> Path:
+    """Write `module` as a PEFT adapter directory (`adapter_config.json`,
+    `adapter_model.safetensors`) for `model`'s architecture; returns the directory.
+
+    `model` must carry LoRA layers exactly on the module's layers (`prepare_model`); their
+    values are set from the module before saving.
+    """
+    from slim_jax.models.peft_io import save_peft
+
+    layers = adapted_layers(model)
+    if sorted(layers) != list(module.paths):
+        raise LibraryError(f"module {module.name!r} adapts {list(module.paths)[:3]}..., the "
+                           f"model's LoRA layers are {sorted(layers)[:3]}...: not the same layers")
+    for path, layer in layers.items():
+        a, b = module.factors[path]
+        layer.lora_a.set_value(jax.numpy.asarray(a, layer.lora_a.dtype))
+        layer.lora_b.set_value(jax.numpy.asarray(b, layer.lora_b.dtype))
+    save_peft(model, directory, base_model_name_or_path=base_model_name_or_path)
+    return Path(directory)
