@@ -42,7 +42,7 @@ class HFTokenizer:
 
     Special tokens are added explicitly (`add_bos` / `add_eos`), never by the tokenizer's own
     post-processor, so every family behaves alike; `add_bos` does nothing for families without a
-    BOS token (T5). `pad_id` falls back to EOS, then 0, when the tokenizer defines no pad token.
+    BOS token (T5). `pad_id` is EOS when the tokenizer defines no pad token (as Llama's).
 
     Args:
       name_or_path: a local directory or a hub id (fetched through

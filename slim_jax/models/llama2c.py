@@ -156,11 +156,19 @@ def load_llama2c(
 ) -> tuple[Llama, Llama2cTokenizer]:
     """A llama2.c model and its tokenizer (`tokenizer.bin` beside the checkpoint by default).
 
-    >>> from slim_jax.settings import data_dir
-    >>> folder = data_dir(required="tinystories260k") / "tinystories260k"
-    >>> model, tok = load_llama2c(folder / "checkpoint_v1.bin")
-    >>> model.config.num_layers, tok.vocab_size
-    (5, 512)
+    A made-up v1 file (dim 8, hidden 16, 1 layer, 2 heads, 1 kv head, vocab 4, 632 floats) and
+    a 4-piece tokenizer; the real one is `$SLIM_JAX_DATA_DIR/tinystories260k/checkpoint_v1.bin`:
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> header = struct.pack("<Ii7iB", MAGIC_V1, 1, 8, 16, 1, 2, 1, 4, 32, 1).ljust(256, bytes(1))
+    >>> _ = (folder / "model.bin").write_bytes(header + np.ones(632, np.float32).tobytes())
+    >>> pieces = [b"<unk>", b"<s>", b"</s>", b" "]
+    >>> _ = (folder / "tokenizer.bin").write_bytes(struct.pack("<i", 5) + b"".join(
+    ...     struct.pack("<fi", 0.0, len(p)) + p for p in pieces))
+    >>> model, tok = load_llama2c(folder / "model.bin")
+    >>> model.config.num_kv_heads, model.config.tie_word_embeddings, tok.vocab_size
+    (1, True, 4)
     """
     config, params = read_llama2c_checkpoint(checkpoint_path)
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
