@@ -12,7 +12,8 @@ Variants (every adapted model adapts all seven projections q k v o gate up down)
           adapter): the floor under any adapter step.
   torch   transformers' LlamaForCausalLM with peft LoRA r16 on the same modules, AdamW step.
 All fp32, random weights, one batch of random tokens, every core of this machine. Each variant
-is compiled / warmed up first; the median of the timed steps is reported.
+is compiled / warmed up first; then the timed steps run round robin (one step of each variant per
+round, so that changing machine load falls on all alike) and the median is reported.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (rounds) per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--variants", default="frozen,lora,slim,torch",
                    help="comma-separated subset of frozen,lora,slim,torch")
@@ -55,17 +56,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_steps(step: Callable[[], object], warmup: int, steps: int) -> tuple[list[float], float]:
-    """Seconds of each timed call of `step` (which must block until done), and the warm-up."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    warm = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], warmup: int, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds of each timed call of every step function (each must block until done).
+
+    Every function is first called `warmup` times (compilation); then the timed calls go round
+    robin, one of each per round, so that a change in machine load falls on all variants alike.
+    """
+    warm = {}
+    for name, step in steps.items():
         start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+        for _ in range(warmup):
+            step()
+        warm[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
     return times, warm
 
 
@@ -170,15 +180,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"{os.getloadavg()[0]:.1f}")
     print(f"# d_model {args.d_model}, {args.layers} layers, {args.heads} heads, ffn {args.ffn}, "
           f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, rank {args.rank}")
+    steps = {name: torch_variant(args) if name == "torch" else jax_variant(name, args)
+             for name in variants}
+    times, warm = time_interleaved(steps, args.warmup, args.steps)
     results = {}
     for name in variants:
-        step = torch_variant(args) if name == "torch" else jax_variant(name, args)
-        times, warm = time_steps(step, args.warmup, args.steps)
-        median = statistics.median(times)
-        results[name] = {"median_s": median, "min_s": min(times), "times_s": times,
-                         "warmup_s": warm, "tokens_per_s": tokens / median}
-        print(f"{name:7s} median {median:8.3f} s  min {min(times):8.3f} s  "
-              f"{tokens / median:9.1f} tok/s  (warm-up incl. compile {warm:.1f} s)", flush=True)
+        median = statistics.median(times[name])
+        results[name] = {"median_s": median, "min_s": min(times[name]), "times_s": times[name],
+                         "warmup_s": warm[name], "tokens_per_s": tokens / median}
+        print(f"{name:7s} median {median:8.3f} s  min {min(times[name]):8.3f} s  "
+              f"{tokens / median:9.1f} tok/s  (warm-up incl. compile {warm[name]:.1f} s)")
     if "lora" in results:
         base = results["lora"]["median_s"]
         for r in results.values():

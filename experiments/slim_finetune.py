@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
 import sys
 import time
@@ -44,6 +43,7 @@ from experiments.config_cli import OneLineParser, add_config_arguments, parse_co
 from experiments.presets.slim import PRESETS, SlimExperiment, preset
 from experiments.slim_methods import Method, check_methods, make_method, target_shapes
 from experiments.slim_report import markdown_table, plot_losses, plot_tradeoff, summarize
+from experiments.train_lora_modules import enable_compilation_cache
 from slim_jax.data import BatchIterator, CausalLayout, tokenize_examples
 from slim_jax.errors import CheckpointError, ConfigError, DataError, SlimJaxError
 from slim_jax.eval import (
@@ -71,7 +71,7 @@ from slim_jax.train import Trainer, TrainResult
 from slim_jax.train.metrics import count_params
 
 PROG = "python -m experiments.slim_finetune"
-CLI_EXCLUDED = (("preset",), ("train", "run_dir"), ("train", "seed"))
+CLI_EXCLUDED = (("preset",), ("train", "run_dir"))
 LLAMA2C_FILES = ("checkpoint_v1.bin", "tokenizer.bin")
 
 
@@ -263,7 +263,7 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
     inject(model, config.targets, method.adapter, rngs=nnx.Rngs(seed))
     steps = steps_for(config, len(ctx.train_data))
     train_config = dataclasses.replace(
-        config.train, steps=steps, seed=seed, run_dir=str(run_dir),
+        config.train, steps=steps, run_dir=str(run_dir),
         l1_coeff=config.train.l1_coeff if method.l1 else 0.0)
     batches = BatchIterator(ctx.train_data, ctx.layout, global_batch_size=config.data.batch_size,
                             seed=seed, pack=config.data.pack)
@@ -312,14 +312,6 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
-def _enable_compilation_cache(folder: str | None) -> None:
-    if not folder:
-        return
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
     """Run every method and seed of `config`; write the run folder; return `results.json`'s
     content.
@@ -335,7 +327,7 @@ def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
     out = Path(config.out).expanduser().resolve()
     if (out / "results.json").exists():
         raise ConfigError(f"{out} already holds results; choose a new --out")
-    _enable_compilation_cache(config.compilation_cache)
+    enable_compilation_cache(config.compilation_cache)
     devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
     clock = time.perf_counter()
 

@@ -164,7 +164,7 @@ class SlimExperiment:
       eval: accuracy measurement.
       data: training batches.
       slim: the full SLIM method's adapter; the ablations change single fields of it.
-      train: the training run (the same for every method; run_dir and seed are set per run).
+      train: the training run (the same for every method; run_dir is set per run).
     """
 
     preset: str = "cpu"

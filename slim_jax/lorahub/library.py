@@ -81,6 +81,7 @@ def load_module(
     *,
     name: str | None = None,
     base_model_name_or_path: str | None = None,
+    allow_pickle: bool = False,
 ) -> LoRAModule:
     """A PEFT LoRA adapter directory as a `LoRAModule` on `model`'s layer paths.
 
@@ -89,6 +90,7 @@ def load_module(
       model: the base `T5` or `Llama` (concrete or abstract); it names layers and fixes shapes.
       name: the module's name; default the directory's name.
       base_model_name_or_path: when given, refuse an adapter recorded for another base model.
+      allow_pickle: accept `adapter_model.bin` (a pickle can run code; off by default).
 
     Raises:
       CheckpointError / ConfigError: from `slim_jax.models.peft_io.load_peft_factors` (missing
@@ -96,10 +98,48 @@ def load_module(
     """
     from slim_jax.models.peft_io import load_peft_factors
 
-    config, factors = load_peft_factors(directory, model,
+    config, factors = load_peft_factors(directory, model, allow_pickle=allow_pickle,
                                         base_model_name_or_path=base_model_name_or_path)
     return LoRAModule(name or Path(directory).name, config.rank, config.alpha, factors,
                       rslora=config.use_rslora)
+
+
+def module_candidates(module_id: str, module_dir: str | os.PathLike[str]) -> list[Path]:
+    """Where a module id may sit in a local folder: `<dir>/<id>`, `<dir>/<last part of the id>`,
+    `<dir>/<task>` (the id's last part without `flan_t5_large-`, as `train_lora_modules` names
+    its modules).
+
+    >>> [p.as_posix() for p in module_candidates("lorahub/flan_t5_large-wiqa", "m")]
+    ['m/lorahub/flan_t5_large-wiqa', 'm/flan_t5_large-wiqa', 'm/wiqa']
+    """
+    root = Path(module_dir)
+    last = module_id.rsplit("/", 1)[-1]
+    names = dict.fromkeys([module_id, last, last.removeprefix("flan_t5_large-")])
+    return [root / n for n in names]
+
+
+def find_module(module_id: str, module_dir: str | os.PathLike[str] | None = None, *,
+                hub: bool = True, allow_pickle: bool = False) -> Path:
+    """The local PEFT directory of a module: in `module_dir` (`module_candidates`), else a hub
+    snapshot of the id (from the Hugging Face cache when offline).
+
+    Raises:
+      CheckpointError: not in `module_dir` and (with `hub`) not reachable on the hub, naming
+        the places looked in.
+    """
+    from slim_jax.errors import CheckpointError
+    from slim_jax.models.hf import resolve_model_dir
+
+    if module_dir is not None:
+        for path in module_candidates(module_id, module_dir):
+            if (path / "adapter_config.json").is_file():
+                return path
+    if not hub:
+        looked = ", ".join(str(p) for p in module_candidates(module_id, module_dir or "."))
+        raise CheckpointError(f"module {module_id!r} is not in {looked}")
+    patterns = ("*.json", "*.safetensors", *(("*.bin",) if allow_pickle else ()))
+    return resolve_model_dir(module_id, required=("adapter_config.json",),
+                             allow_patterns=patterns)
 
 
 def module_from_model(model: nnx.Module, name: str) -> LoRAModule:

@@ -86,9 +86,11 @@ class UpstreamConfig:
       max_examples: use at most this many examples of a task (None: all).
     """
 
-    lora: LoRAConfig = LoRAConfig(rank=16, alpha=32.0)
+    lora: LoRAConfig = dataclasses.field(
+        default_factory=lambda: LoRAConfig(rank=16, alpha=32.0))
     targets: str = r"(q|v)_proj$"
-    train: TrainConfig = TrainConfig(steps=100, progress=False, save_every=0)
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(steps=100, progress=False, save_every=0))
     batch_size: int = 8
     pack: bool = True
     max_examples: int | None = None
@@ -142,6 +144,7 @@ def train_module(
     config: UpstreamConfig = UpstreamConfig(),
     *,
     seed: int = 0,
+    devices: Sequence[jax.Device] | None = None,
 ) -> tuple[LoRAModule, list[dict[str, float]]]:
     """Train a fresh LoRA module on `examples`: `(module, the trainer's per-step records)`.
 
@@ -161,8 +164,7 @@ def train_module(
     data = tokenize_examples(examples, layout)
     batches = BatchIterator(data, layout, global_batch_size=config.batch_size, seed=seed,
                             pack=config.pack)
-    train = dataclasses.replace(config.train, seed=seed)
-    trainer = Trainer(model, train)
+    trainer = Trainer(model, config.train, devices=devices)
     result = trainer.fit(batches)
     return module_from_model(trainer.model(), name), result.history
 
@@ -175,9 +177,11 @@ def train_task_module(
     *,
     data_dir: DataDir = None,
     seed: int = 0,
+    devices: Sequence[jax.Device] | None = None,
 ) -> tuple[LoRAModule, list[dict[str, float]]]:
     """`train_module` on the T0 template task `task` of the data folder."""
-    return train_module(model, layout, load_t0_template(task, data_dir), task, config, seed=seed)
+    return train_module(model, layout, load_t0_template(task, data_dir), task, config, seed=seed,
+                        devices=devices)
 
 
 def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathLike[str], *,
@@ -185,8 +189,8 @@ def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathL
     """Write `module` as a PEFT adapter directory (`adapter_config.json`,
     `adapter_model.safetensors`) for `model`'s architecture; returns the directory.
 
-    `model` must carry LoRA layers exactly on the module's layers (`prepare_model`); their
-    values are set from the module before saving.
+    `model` must carry LoRA layers exactly on the module's layers (`prepare_model`); they hold
+    the module's factors while it is written and get their own back afterwards.
     """
     from slim_jax.models.peft_io import save_peft
 
@@ -194,9 +198,16 @@ def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathL
     if sorted(layers) != list(module.paths):
         raise LibraryError(f"module {module.name!r} adapts {list(module.paths)[:3]}..., the "
                            f"model's LoRA layers are {sorted(layers)[:3]}...: not the same layers")
-    for path, layer in layers.items():
-        a, b = module.factors[path]
-        layer.lora_a.set_value(jax.numpy.asarray(a, layer.lora_a.dtype))
-        layer.lora_b.set_value(jax.numpy.asarray(b, layer.lora_b.dtype))
-    save_peft(model, directory, base_model_name_or_path=base_model_name_or_path)
+    saved = {path: (layer.lora_a.get_value(), layer.lora_b.get_value())
+             for path, layer in layers.items()}
+    try:
+        for path, layer in layers.items():
+            a, b = module.factors[path]
+            layer.lora_a.set_value(jax.numpy.asarray(a, layer.lora_a.dtype))
+            layer.lora_b.set_value(jax.numpy.asarray(b, layer.lora_b.dtype))
+        save_peft(model, directory, base_model_name_or_path=base_model_name_or_path)
+    finally:
+        for path, layer in layers.items():
+            layer.lora_a.set_value(saved[path][0])
+            layer.lora_b.set_value(saved[path][1])
     return Path(directory)

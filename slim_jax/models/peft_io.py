@@ -116,8 +116,11 @@ class PeftLoRAConfig:
       rank: r. alpha: lora_alpha. use_rslora: scale `alpha / sqrt(r)` instead of `alpha / r`.
       target_modules: module names (a layer matches when its Hugging Face module name equals one
         or ends with "." + one), a regex that must match the whole module name, or
-        "all-linear" (every linear layer but the output head), as PEFT reads them.
-      exclude_modules: names or a regex of layers never adapted (PEFT's rule), or None.
+        "all-linear" (every linear layer but the output head), as PEFT reads them. PEFT holds
+        a name list as a set (and writes it in set order), so names are kept sorted and
+        de-duplicated: equal adapters have equal configs and files.
+      exclude_modules: names (sorted likewise) or a regex of layers never adapted (PEFT's
+        rule), or None.
       dropout: lora_dropout (used only when training further).
       base_model_name_or_path: the base model the adapter was trained on, if recorded.
       task_type: PEFT's task type ("SEQ_2_SEQ_LM", "CAUSAL_LM", ...), if recorded.
@@ -131,6 +134,11 @@ class PeftLoRAConfig:
     dropout: float = 0.0
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", _names(self.target_modules))
+        if self.exclude_modules is not None:
+            object.__setattr__(self, "exclude_modules", _names(self.exclude_modules))
 
     @property
     def scale(self) -> float:
@@ -212,7 +220,12 @@ class PeftLoRAConfig:
 
 
 def _names(value: Any) -> tuple[str, ...] | str:
-    return value if isinstance(value, str) else tuple(str(v) for v in value)
+    """A regex string as it is; a collection of names as a sorted tuple without duplicates.
+
+    >>> _names(["v", "q", "v"]), _names("(q|v)")
+    (('q', 'v'), '(q|v)')
+    """
+    return value if isinstance(value, str) else tuple(sorted({str(v) for v in value}))
 
 
 def _name_matches(rule: tuple[str, ...] | str | None, name: str) -> bool:
@@ -425,8 +438,9 @@ def save_peft(
 ) -> PeftLoRAConfig:
     """Write the model's LoRA adapters as a PEFT adapter directory that peft loads.
 
-    `target_modules` is the list of the adapted layers' names (e.g. `["q", "v"]`) when it selects
-    exactly the adapted layers, else a regex of their full module names. Factors are written in
+    `target_modules` is the sorted list of the adapted layers' names (e.g. `["q", "v"]`) when it
+    selects exactly the adapted layers, else a regex of their full module names (sorted too), so
+    the same adapter always gives the same files. Factors are written in
     float32 (float16 stays float16).
 
     Args:

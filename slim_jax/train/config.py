@@ -62,7 +62,6 @@ class TrainConfig:
       l1_coeff: weight of the SLIM L1 adapter penalty (SLIM.md s4); 0 turns it off.
       frozen_dtype: dtype of the frozen base: "auto" casts it to bfloat16 on TPU/GPU and keeps it
         on CPU, "keep" never casts, or a dtype name. Adapters always train in float32.
-      seed: the run's seed (parameters are given; this seeds the model's RNG streams if any).
       log_every: write metrics every this many steps.
       save_every: checkpoint every this many steps (and at the end, and on SIGTERM); 0: only
         those two.
@@ -81,7 +80,6 @@ class TrainConfig:
     grad_accum_steps: int = 1
     l1_coeff: float = 0.0
     frozen_dtype: str = "auto"
-    seed: int = 0
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 3

@@ -33,6 +33,12 @@ def token_mask_groups(
     """`(SlimLinear paths, [batch, seq] mask)` pairs: which layers see which tokens.
 
     Empty when the model has no `SlimLinear` or the batch has no segment ids.
+
+    >>> from slim_jax.nn import SlimConfig
+    >>> model = nnx.List([SlimLinear(4, 4, SlimConfig(rank=1, num_clusters=1), rngs=nnx.Rngs(0))])
+    >>> [(paths, mask.tolist()) for paths, mask in
+    ...  token_mask_groups(model, {"segment_ids": jnp.array([[1, 2, 0]])})]
+    [(['0'], [[1.0, 1.0, 0.0]])]
     """
     slim = [p for p, m in adapted_layers(model).items() if isinstance(m, SlimLinear)]
     if not slim:

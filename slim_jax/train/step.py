@@ -79,7 +79,8 @@ def train_step(
       micro_sharding: sharding of a `[micro_steps, micro_batch, ...]` split batch (None: unsharded).
 
     Returns:
-      `(new_state, metrics)`; metrics are scalars named in `METRICS`.
+      `(new_state, metrics)`; metrics are scalars named in `METRICS`. (Example: see
+      `compile_train_step`.)
     """
     d = definition
     target_tokens = jnp.sum(batch["target_mask"].astype(jnp.float32))
@@ -158,6 +159,26 @@ def compile_train_step(
 
     Returns:
       `step(state, frozen, batch) -> (state, metrics)`; `state` must not be used after the call.
+
+    >>> import optax
+    >>> from slim_jax.parallel import MeshConfig, make_mesh
+    >>> from slim_jax.train.state import split_model
+    >>> class Bigram(nnx.Module):  # logits of the next token from a trainable table
+    ...     def __init__(self):
+    ...         self.table = nnx.LoRAParam(jnp.zeros((4, 4)))
+    ...     def batch_logits(self, batch):
+    ...         return self.table[...][batch["tokens"]]
+    >>> graphdef, params, frozen, mutable = split_model(Bigram())
+    >>> tx = optax.sgd(1.0)
+    >>> state = TrainState(jnp.zeros((), jnp.int32), params, mutable, tx.init(params))
+    >>> definition = StepDefinition(graphdef, tx, forward=lambda m, b: m.batch_logits(b))
+    >>> mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    >>> step = compile_train_step(definition, state, frozen, mesh)
+    >>> batch = {"tokens": jnp.array([[0, 1]]), "targets": jnp.array([[1, 2]]),
+    ...          "target_mask": jnp.ones((1, 2))}
+    >>> state, metrics = step(state, frozen, batch)
+    >>> round(float(metrics["loss"]), 4), int(state.step)  # log(4): uniform before the update
+    (1.3863, 1)
     """
     axes = batch_axes(rules)
     state_sharding = tree_shardings(state, mesh, rules)

@@ -150,6 +150,24 @@ def test_llama_with_a_regex_rslora_adapter_gives_peft_logits(llama_setup):
                         _torch_llama_logits(peft_model))
 
 
+def test_target_module_names_are_kept_sorted(t5_setup, tmp_path):
+    # PEFT holds target_modules as a set and writes it in set order (which changes with the
+    # interpreter's hash seed): reading and writing pin the sorted order.
+    root, _ = t5_setup
+    shuffled = _edited_adapter(root / "adapter", tmp_path / "a",
+                               config={"target_modules": ["v", "q", "v"]})
+    assert peft_io.read_peft_config(shuffled).target_modules == ("q", "v")
+    assert peft_io.read_peft_config(root / "adapter").target_modules == ("q", "v")
+    model = T5.from_pretrained(root / "base")
+    inject(model, r"SelfAttention/v$", LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+    inject(model, r"Attention/q$", LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+    peft_io.save_peft(model, tmp_path / "out", base_model_name_or_path="tiny-t5")
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["target_modules"].startswith("(?:decoder")  # self-attention v only: a regex
+    names = written["target_modules"][3:-1].replace("\\", "").split("|")
+    assert names == sorted(names) and len(names) == 2 * 2 + 2 * 2 * 2 - 2
+
+
 def test_factors_come_in_slim_jax_layout(t5_setup):
     root, peft_model = t5_setup
     abstract = nnx.eval_shape(lambda: T5.from_pretrained(root / "base"))
@@ -198,6 +216,7 @@ def test_exported_llama_adapter_loads_in_peft_with_the_same_logits(llama_setup, 
     assert config.target_modules == ("q_proj", "up_proj") and config.use_rslora
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["task_type"] == "CAUSAL_LM" and written["r"] == 2
+    assert written["target_modules"] == ["q_proj", "up_proj"]
     base = transformers.LlamaForCausalLM.from_pretrained(root / "base")
     loaded = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     _assert_llama_close(_llama_logits(model, jnp.asarray(LLAMA_TOKENS)),

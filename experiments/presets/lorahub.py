@@ -1,0 +1,221 @@
+"""Configuration of `python -m experiments.lorahub_bbh` and of
+`python -m experiments.train_lora_modules`, and their named presets.
+
+Each config is a tree of frozen dataclasses, every field a flag (`experiments.config_cli`); the
+LoRAHub protocol itself is the library's `slim_jax.lorahub.ProtocolConfig` (`--protocol.budget
+80`, `--protocol.methods cmaes,cobyla,gradient`).
+
+Presets:
+- `cpu` (the default): the real pretrained TinyStories model (llama2.c `stories260K`, 260K
+  parameters, 512 positions) with 24 LoRA modules trained locally by `train_lora_modules` on the
+  first 24 T0 template tasks of LoRAHub's module list that exist in the data folder (r=16,
+  alpha=32 as LoRAHub's, on `q_proj` and `v_proj`: the Llama names of T5's `q` and `v`); each run
+  draws 20 of them (`random.seed(s); random.sample(names, 20)` over the 24 in list order), so the
+  draws differ as in the paper. Five BBH tasks with one-word answers (Yes/No, True/False), all
+  of their test examples, the paper's protocol (K=5, five draws, budget 40) except that greedy
+  decoding stops after 32 new tokens instead of 256: the answers are one or two tokens, and a
+  32-token continuation that has not ended is already wrong under exact match unless the rest
+  is dots and spaces (the TinyStories model writes stories, not dots). That keeps the whole run,
+  module training included, near 15 minutes on 2 CPU cores.
+- `flan-t5-large`: the paper's setting: google/flan-t5-large with the published
+  `lorahub/flan_t5_large-*` modules (a local folder or the hub), all 27 tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from slim_jax.errors import ConfigError
+from slim_jax.lorahub.protocol import ProtocolConfig
+
+CPU_TASKS: tuple[str, ...] = (
+    "boolean_expressions", "navigate", "sports_understanding", "web_of_lies", "causal_judgement")
+ALL = ("all",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The base model.
+
+    Attributes:
+      kind: "llama2c" (a folder with llama2.c's checkpoint_v1.bin and tokenizer.bin), "llama"
+        (a Hugging Face Llama-family checkpoint) or "t5" (a Hugging Face T5 / FLAN-T5).
+      path: the folder or hub id; a relative llama2c folder is looked up in the data folder.
+      dtype: compute dtype ("float32", "bfloat16").
+      param_dtype: parameter dtype of the loaded base.
+    """
+
+    kind: Literal["llama2c", "llama", "t5"] = "llama2c"
+    path: str = "tinystories260k"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamSpec:
+    """Training of the upstream LoRA modules (`train_lora_modules`).
+
+    Attributes:
+      num_modules: train the first this many tasks of LoRAHub's module list that have T0
+        template data (in the list's order); none for all of them.
+      tasks: train these tasks instead (T0 template names); empty: use num_modules.
+      rank: LoRA rank (LoRAHub: 16).
+      alpha: LoRA alpha (LoRAHub: 32).
+      dropout: LoRA dropout while training (LoRAHub: 0.1).
+      targets: regex over layer paths of the adapted linears.
+      steps: optimiser updates per module.
+      batch_size: rows per batch.
+      max_length: row length (decoder-only) / encoder and decoder length (T5), in tokens.
+      pack: pack several examples per row (decoder-only).
+      learning_rate: peak learning rate (LoRAHub: 2e-4).
+      warmup_steps: linear warm-up.
+      max_examples: examples per task at most (LoRAHub: 10k); none for all.
+      seed: the first module's seed (module i uses seed + i).
+      num_devices: devices the trainer uses (0: all); the batch must divide over them.
+    """
+
+    num_modules: int | None = 24
+    tasks: tuple[str, ...] = ()
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str = r"(q|v)_proj$"
+    steps: int = 30
+    batch_size: int = 4
+    max_length: int = 256
+    pack: bool = True
+    learning_rate: float = 3e-3
+    warmup_steps: int = 3
+    max_examples: int | None = None
+    seed: int = 0
+    num_devices: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_modules is not None and self.num_modules < 1:
+            raise ConfigError(f"num_modules must be >= 1 or none, got {self.num_modules}")
+        if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
+            raise ConfigError("steps, batch_size must be >= 1 and max_length >= 2, got "
+                              f"{self.steps}, {self.batch_size}, {self.max_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModulesSpec:
+    """Where the LoRA modules come from.
+
+    Attributes:
+      dir: folder of PEFT adapter folders, one per module (named by task, by the id's last part
+        or by the full id); none: only the hub.
+      ids_file: the module ids in draw order; none: the data folder's lorahub_module_names.txt.
+      local_only: draw from the modules present in `dir` (in the ids' order), as the cpu preset
+        does with the modules it trained; otherwise from every id (missing ones from the hub).
+      train_missing: when `dir` holds no module, train them first (`upstream` settings).
+      allow_pickle: accept adapter_model.bin weights (a pickle can run code; published LoRAHub
+        modules on the hub are stored that way).
+    """
+
+    dir: str | None = "runs/lorahub_modules/tinystories260k"
+    ids_file: str | None = None
+    local_only: bool = True
+    train_missing: bool = True
+    allow_pickle: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BBHSpec:
+    """The BIG-Bench Hard tasks.
+
+    Attributes:
+      tasks: task names, or "all" for the 27.
+      source: "local" (the data folder's bbh/) or "hub" (lukaemon/bbh).
+    """
+
+    tasks: tuple[str, ...] = CPU_TASKS
+    source: Literal["local", "hub"] = "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAHubExperiment:
+    """LoRAHub on BIG-Bench Hard: baselines and searches per task, five module draws.
+
+    Attributes:
+      preset: the preset these values started from (recorded; choose it with --preset).
+      out: the run folder (created: results.md, results.json, search_progress.png, config,
+        command); none: runs/lorahub_bbh/<preset>-<time>.
+      data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
+      progress: show progress bars.
+      compilation_cache: folder of JAX's persistent compilation cache; none turns it off.
+      model: the base model.
+      modules: the LoRA modules.
+      upstream: training of missing modules.
+      bbh: the tasks.
+      protocol: LoRAHub's protocol (K, runs, draws, searches, budget, decoding).
+    """
+
+    preset: str = "cpu"
+    out: str | None = None
+    data_dir: str | None = None
+    progress: bool = True
+    compilation_cache: str | None = "~/.cache/slim_jax/xla"
+    model: ModelSpec = ModelSpec()
+    modules: ModulesSpec = ModulesSpec()
+    upstream: UpstreamSpec = UpstreamSpec()
+    bbh: BBHSpec = BBHSpec()
+    protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamExperiment:
+    """Upstream LoRA modules, one per T0 template task, saved as PEFT adapters.
+
+    Attributes:
+      preset: the preset these values started from (recorded; choose it with --preset).
+      out: the module folder; each module goes to <out>/<task> (existing ones are kept).
+      data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
+      overwrite: retrain modules that already exist in `out`.
+      progress: show a progress bar.
+      compilation_cache: folder of JAX's persistent compilation cache (every module compiles
+        the same step: the cache makes that once); none turns it off.
+      model: the base model.
+      upstream: what is trained, and how.
+    """
+
+    preset: str = "cpu"
+    out: str = "runs/lorahub_modules/tinystories260k"
+    data_dir: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    compilation_cache: str | None = "~/.cache/slim_jax/xla"
+    model: ModelSpec = ModelSpec()
+    upstream: UpstreamSpec = UpstreamSpec()
+
+
+FLAN_T5_LARGE = "google/flan-t5-large"
+_T5_MODEL = ModelSpec(kind="t5", path=FLAN_T5_LARGE)
+# LoRAHub's upstream training: lr 2e-4, batch 10, 20 epochs of at most 10k examples, inputs up
+# to 1024 tokens, r=16, alpha=32, dropout 0.1, on q and v (the T0 files hold ~200 examples).
+_T5_UPSTREAM = UpstreamSpec(num_modules=None, targets=r"(q|v)$", steps=400, batch_size=10,
+                            max_length=1024, pack=False, learning_rate=2e-4, warmup_steps=0,
+                            dropout=0.1, max_examples=10_000)
+
+PRESETS: dict[str, tuple[LoRAHubExperiment, UpstreamExperiment]] = {
+    "cpu": (LoRAHubExperiment(protocol=ProtocolConfig(max_new_tokens=32,
+                                                      generation_batch_size=256)),
+            UpstreamExperiment()),
+    "flan-t5-large": (
+        LoRAHubExperiment(
+            preset="flan-t5-large", model=_T5_MODEL, upstream=_T5_UPSTREAM,
+            modules=ModulesSpec(dir="lorahub_modules", local_only=False, train_missing=False),
+            bbh=BBHSpec(tasks=ALL),
+            protocol=ProtocolConfig(generation_batch_size=32)),
+        UpstreamExperiment(preset="flan-t5-large", out="runs/lorahub_modules/flan-t5-large",
+                           model=_T5_MODEL, upstream=_T5_UPSTREAM),
+    ),
+}
+
+
+def preset(name: str) -> tuple[LoRAHubExperiment, UpstreamExperiment]:
+    """The named preset's `(bbh experiment, upstream training)` configs."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,371 @@
+"""Put a saved adapter onto a loaded model: a PEFT directory or a slim_jax checkpoint, detected.
+
+Two formats hold adapters:
+  - PEFT (`adapter_config.json` + `adapter_model.safetensors`): LoRA only, read by
+    `peft_io.load_peft`; what LoRAHub's published modules and `save_peft` are.
+  - a slim_jax checkpoint (`slim_jax.checkpoint.Checkpointer`): a folder of step folders
+    (`<run_dir>/checkpoints/<step>/`) whose item `adapters` holds the `AdapterParam` values (LoRA
+    factors, SLIM experts and routers) and item `state` the other non-parameter variables (SLIM
+    cluster statistics, RNG streams). Arrays alone do not say how to rebuild the layers (alpha,
+    top-k, yielding, ...), so the checkpoint's JSON metadata carries the *adapter spec* under
+    `ADAPTER_SPEC_KEY`: which layers carry which adapter with which config.
+
+The adapter spec is a JSON list of groups, one per distinct adapter config, in layer order:
+`[{"adapter": "lora" | "slim", "config": {LoRAConfig / SlimConfig fields}, "layers": [path, ...]}]`
+(`adapter_spec(model)` writes it, `inject_spec(model, spec)` rebuilds the layers).
+
+>>> import tempfile
+>>> from slim_jax.models.llama import Llama, LlamaConfig
+>>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1,
+...                   num_heads=2, num_kv_heads=1)
+>>> trained = Llama(cfg, rngs=nnx.Rngs(0))
+>>> _ = inject(trained, "q_proj", LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(1))
+>>> folder = tempfile.mkdtemp()
+>>> save_adapter_checkpoint(trained, folder, step=7)
+>>> find_adapter(folder).format, find_adapter(folder).step
+('slim_jax', None)
+>>> attach_adapter(Llama(cfg, rngs=nnx.Rngs(0)), folder)
+['layers/0/self_attn/q_proj']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jax.numpy as jnp
+from flax import nnx
+
+from slim_jax.checkpoint import META, Checkpointer
+from slim_jax.errors import CheckpointError, ConfigError
+from slim_jax.models import peft_io
+from slim_jax.nn import LoRAConfig, LoRALinear, SlimConfig, adapted_layers, inject, module_path
+
+ADAPTER_SPEC_KEY = "adapter_spec"
+"""The key of the adapter spec in a slim_jax checkpoint's JSON metadata."""
+ADAPTERS_ITEM, STATE_ITEM = "adapters", "state"
+"""The items of `Trainer.checkpoint_items` that inference needs (not the optimiser)."""
+CHECKPOINTS_FOLDER = "checkpoints"
+"""Where a training run keeps its `Checkpointer` folder inside its `run_dir`."""
+
+_KINDS: dict[str, type[LoRAConfig] | type[SlimConfig]] = {"lora": LoRAConfig, "slim": SlimConfig}
+_EXPECTED = ("a PEFT adapter directory (holding adapter_config.json and "
+             "adapter_model.safetensors) or a slim_jax checkpoint directory (a Checkpointer "
+             "folder of step folders such as <run_dir>/checkpoints, one of its step folders, or "
+             "the run_dir holding it)")
+
+PathLike = str | os.PathLike[str]
+AdapterSpec = list[dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSource:
+    """Where an adapter lives and in which format (see `find_adapter`).
+
+    Attributes:
+      format: "peft" or "slim_jax".
+      directory: the PEFT directory, or the `Checkpointer` folder (holding step folders).
+      step: the checkpoint step to read (slim_jax only); None means the latest.
+    """
+
+    format: Literal["peft", "slim_jax"]
+    directory: Path
+    step: int | None = None
+
+
+def _is_step_folder(path: Path) -> bool:
+    """A complete `Checkpointer` step: an integer-named folder holding the JSON `meta` item."""
+    return path.name.isdigit() and (path / META).is_dir()
+
+
+def _has_steps(path: Path) -> bool:
+    return any(_is_step_folder(child) for child in path.iterdir() if child.is_dir())
+
+
+def find_adapter(path: PathLike) -> AdapterSource:
+    """Detect the format of the adapter at `path`.
+
+    Accepted: a PEFT directory (`adapter_config.json`); a `Checkpointer` folder (step folders
+    inside: the latest step is read); one step folder of it (that step); a training run folder
+    holding `checkpoints/`.
+
+    Raises:
+      CheckpointError: the path does not exist, is a file, or is a directory of neither format
+        (naming what it holds and what would be accepted).
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "adapter_config.json").write_text("{}")
+    >>> find_adapter(folder).format
+    'peft'
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"adapter {str(path)!r} does not exist; expected {_EXPECTED}")
+    if not path.is_dir():
+        raise CheckpointError(f"adapter {str(path)!r} is a file; expected {_EXPECTED}")
+    if (path / peft_io.CONFIG_FILE).is_file():
+        return AdapterSource("peft", path)
+    if _is_step_folder(path):
+        return AdapterSource("slim_jax", path.parent, int(path.name))
+    if _has_steps(path):
+        return AdapterSource("slim_jax", path)
+    nested = path / CHECKPOINTS_FOLDER
+    if nested.is_dir() and _has_steps(nested):
+        return AdapterSource("slim_jax", nested)
+    present = sorted(p.name for p in path.iterdir())[:12]
+    raise CheckpointError(f"{str(path)!r} is not an adapter: expected {_EXPECTED}; it holds "
+                          f"{', '.join(present) or 'nothing'}")
+
+
+def attach_adapter(
+    model: nnx.Module,
+    path: PathLike,
+    *,
+    allow_pickle: bool = False,
+    base_model_name_or_path: str | None = None,
+) -> list[str]:
+    """Put the adapter at `path` (PEFT or slim_jax, detected by `find_adapter`) onto `model`.
+
+    Args:
+      model: the base model, in place (a `Llama` or `T5` for PEFT; any NNX model for slim_jax).
+      path: see `find_adapter`.
+      allow_pickle: accept a PEFT `adapter_model.bin` (a pickle can run code; off by default).
+      base_model_name_or_path: PEFT only: refuse an adapter recorded for another base model.
+
+    Returns:
+      The sorted paths of the adapted layers.
+
+    Raises:
+      CheckpointError: as `find_adapter`, `peft_io.load_peft` or `load_adapter_checkpoint`.
+    """
+    source = find_adapter(path)
+    if source.format == "peft":
+        return peft_io.load_peft(model, source.directory, allow_pickle=allow_pickle,
+                                 base_model_name_or_path=base_model_name_or_path)
+    return load_adapter_checkpoint(model, source.directory, step=source.step)
+
+
+# -- the adapter spec ------------------------------------------------------------------------
+
+
+def _config_json(config: LoRAConfig | SlimConfig) -> dict[str, Any]:
+    """The config's fields as JSON values (dtypes by name)."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is not None and not isinstance(value, str | int | float | bool):
+            value = jnp.dtype(value).name
+        out[field.name] = value
+    return out
+
+
+def adapter_spec(model: nnx.Module) -> AdapterSpec:
+    """The adapter spec of `model` (module docstring): its adapted layers grouped by config.
+
+    Merged LoRA layers are described like unmerged ones (their factors are the same).
+
+    >>> model = nnx.List([nnx.Linear(4, 4, rngs=nnx.Rngs(0)) for _ in range(2)])
+    >>> _ = inject(model, "0", LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(1))
+    >>> [(g["adapter"], g["config"]["rank"], g["layers"]) for g in adapter_spec(model)]
+    [('lora', 2, ['0'])]
+    """
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for path, layer in adapted_layers(model).items():
+        kind = "lora" if isinstance(layer, LoRALinear) else "slim"
+        config = _config_json(layer.config)
+        group = groups.setdefault((kind, repr(sorted(config.items()))),
+                                  {"adapter": kind, "config": config, "layers": []})
+        group["layers"].append(path)
+    return list(groups.values())
+
+
+def _parse_spec(spec: Any, source: str) -> dict[str, LoRAConfig | SlimConfig]:
+    """`{layer path: config}` of a JSON adapter spec, every field checked."""
+    if not isinstance(spec, list) or not spec:
+        raise CheckpointError(f"{source}: the adapter spec must be a non-empty list of groups "
+                              f"{{'adapter', 'config', 'layers'}}, got {type(spec).__name__}")
+    layers: dict[str, LoRAConfig | SlimConfig] = {}
+    for i, group in enumerate(spec):
+        if not isinstance(group, Mapping) or set(group) != {"adapter", "config", "layers"}:
+            raise CheckpointError(f"{source}: adapter spec group {i} must have exactly the keys "
+                                  f"'adapter', 'config' and 'layers', got {group!r:.200}")
+        kind, fields, paths = group["adapter"], group["config"], group["layers"]
+        if kind not in _KINDS:
+            raise CheckpointError(f"{source}: adapter spec group {i} has adapter {kind!r}; "
+                                  f"accepted: {', '.join(map(repr, _KINDS))}")
+        cls = _KINDS[kind]
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(fields, Mapping) or set(fields) - known:
+            unknown = sorted(set(fields) - known) if isinstance(fields, Mapping) else fields
+            raise CheckpointError(f"{source}: adapter spec group {i} ({cls.__name__}) has "
+                                  f"unknown fields {unknown}; accepted: {sorted(known)}")
+        try:
+            config = cls(**fields)
+        except (ConfigError, TypeError) as err:
+            raise CheckpointError(f"{source}: adapter spec group {i}: {err}") from err
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise CheckpointError(f"{source}: adapter spec group {i}: 'layers' must be a list "
+                                  "of layer paths such as 'layers/0/self_attn/q_proj'")
+        for path in paths:
+            if path in layers:
+                raise CheckpointError(f"{source}: the adapter spec lists layer {path!r} twice")
+            layers[path] = config
+    return layers
+
+
+def inject_spec(model: nnx.Module, spec: AdapterSpec, *, rngs: nnx.Rngs | None = None,
+                source: str = "adapter spec") -> list[str]:
+    """Inject the adapters an adapter spec describes into `model`, in place.
+
+    Args:
+      model: a model whose listed layers are plain `nnx.Linear`.
+      spec: from `adapter_spec` (or a checkpoint's metadata).
+      rngs: initialises the new adapters (to be overwritten by a restore); default seed 0.
+      source: how errors name where the spec came from.
+
+    Returns:
+      The sorted paths of the layers adapted.
+
+    Raises:
+      CheckpointError: a malformed spec, or a layer the model lacks (naming it).
+
+    >>> model = nnx.List([nnx.Linear(4, 4, rngs=nnx.Rngs(0)) for _ in range(2)])
+    >>> spec = [{"adapter": "lora", "config": {"rank": 2}, "layers": ["1"]}]
+    >>> inject_spec(model, spec), type(model[1]).__name__
+    (['1'], 'LoRALinear')
+    """
+    layers = _parse_spec(spec, source)
+    linears = {module_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
+    missing = [path for path in layers if path not in linears]
+    if missing:
+        raise CheckpointError(
+            f"{source} puts adapters on {len(missing)} layer(s) this {type(model).__name__} does "
+            f"not have: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (is it for "
+            f"another base model? its linear layers look like {', '.join(sorted(linears)[:3])})")
+    taken = [path for path in layers if type(linears[path]) is not nnx.Linear]
+    if taken:
+        raise CheckpointError(f"{source}: layer(s) {', '.join(taken[:5])} already carry an "
+                              "adapter; load onto a model without adapters")
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    by_config: dict[int, tuple[LoRAConfig | SlimConfig, list[str]]] = {}
+    for path, config in layers.items():
+        by_config.setdefault(id(config), (config, []))[1].append(path)
+    for config, paths in by_config.values():
+        pattern = "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+        inject(model, pattern, config, rngs=rngs)
+    return sorted(layers)
+
+
+# -- slim_jax checkpoints --------------------------------------------------------------------
+
+
+def _inference_items(model: nnx.Module) -> dict[str, nnx.State]:
+    """The model's `adapters` and `state` items, split as `Trainer.checkpoint_items` splits."""
+    _, params, _, mutable = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+    return {ADAPTERS_ITEM: params, STATE_ITEM: mutable}
+
+
+def save_adapter_checkpoint(
+    model: nnx.Module,
+    directory: PathLike,
+    *,
+    step: int = 0,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the model's adapters as a slim_jax checkpoint (the layout a training run writes).
+
+    Items `adapters` and `state` go into `<directory>/<step>/`, the adapter spec into the
+    metadata, so `load_adapter_checkpoint` (and `python -m slim_jax.generate --adapter`) can
+    rebuild the layers on a fresh base model.
+
+    Args:
+      model: a model with adapters (`slim_jax.nn.inject`).
+      directory: the `Checkpointer` folder (created if missing).
+      step: the step number of the checkpoint.
+      meta: more JSON metadata to record.
+
+    Raises:
+      CheckpointError: the model has no adapters, or the step is already saved there.
+    """
+    spec = adapter_spec(model)
+    if not spec:
+        raise CheckpointError(f"the {type(model).__name__} has no adapters to save; adapt layers "
+                              "first (slim_jax.nn.inject)")
+    # A large `keep`: saving a new step must never delete the steps already in `directory`.
+    with Checkpointer(directory, keep=1_000_000, async_save=False) as checkpointer:
+        if not checkpointer.save(step, _inference_items(model),
+                                 {**(meta or {}), ADAPTER_SPEC_KEY: spec}):
+            raise CheckpointError(f"{checkpointer.directory} already holds a checkpoint at step "
+                                  f"{step}; pick another step or directory")
+
+
+def load_adapter_checkpoint(
+    model: nnx.Module, directory: PathLike, *, step: int | None = None
+) -> list[str]:
+    """Restore the adapters of a slim_jax checkpoint into `model`, in place.
+
+    When the checkpoint records an adapter spec, a model without adapters gets them injected
+    (`inject_spec`), and a model that already has adapters must have exactly those. A checkpoint
+    without a spec (written before training runs recorded one) restores into a model whose
+    adapters were injected by the caller as they were for training. Only the `adapters` and
+    `state` items are read (not the optimiser); the mesh that wrote them does not matter.
+
+    Args:
+      model: the base model (e.g. from `Llama.from_pretrained`).
+      directory: the `Checkpointer` folder.
+      step: the step to read; the latest when None.
+
+    Returns:
+      The sorted paths of the adapted layers.
+
+    Raises:
+      CheckpointError: no such folder or step; no spec and no adapters on the model; adapters
+        that differ from the spec; layers the model lacks; arrays that do not fit.
+    """
+    directory = Path(directory).expanduser()
+    source = str(directory)
+    if not directory.is_dir() or not _has_steps(directory):
+        raise CheckpointError(f"{source!r} is not a slim_jax checkpoint directory: expected a "
+                              "Checkpointer folder holding step folders (e.g. "
+                              "<run_dir>/checkpoints)")
+    with Checkpointer(directory, async_save=False) as checkpointer:
+        meta = checkpointer.restore_meta(step)
+        spec = meta.get(ADAPTER_SPEC_KEY)
+        present = adapter_spec(model)
+        if spec is None and not present:
+            raise CheckpointError(
+                f"{source} (step {meta['step']}) does not record which layers carry which "
+                f"adapter (metadata key {ADAPTER_SPEC_KEY!r}); inject the adapters it was "
+                "trained with (slim_jax.nn.inject) before loading it, or re-save it with "
+                "slim_jax.models.adapter_io.save_adapter_checkpoint")
+        if spec is not None:
+            wanted = _parse_spec(spec, source)
+            if present:
+                _check_same_adapters(_parse_spec(present, "the model"), wanted, source)
+            else:
+                inject_spec(model, spec, source=source)
+        try:
+            items, _ = checkpointer.restore(_inference_items(model), meta["step"])
+        except CheckpointError as err:
+            raise CheckpointError(f"the adapters of {source} (step {meta['step']}) do not fit "
+                                  f"this {type(model).__name__}: {err}") from err
+    nnx.update(model, items[ADAPTERS_ITEM], items[STATE_ITEM])
+    return list(adapted_layers(model))
+
+
+def _check_same_adapters(have: Mapping[str, Any], want: Mapping[str, Any], source: str) -> None:
+    def show(config: LoRAConfig | SlimConfig) -> str:
+        return f"{type(config).__name__}(rank={config.rank}, alpha={config.alpha}, ...)"
+
+    for path in sorted(set(have) | set(want)):
+        mine, theirs = have.get(path), want.get(path)
+        if mine is None or theirs is None or _config_json(mine) != _config_json(theirs):
+            raise CheckpointError(
+                f"the model's adapters differ from those of {source} at layer {path!r}: the model "
+                f"has {show(mine) if mine else 'none'}, the checkpoint "
+                f"{show(theirs) if theirs else 'none'}; load onto a model without adapters")
