@@ -11,9 +11,11 @@ Variants (every adapted model adapts all seven projections q k v o gate up down)
   frozen  forward + backward through the frozen model alone (gradient to the activations, no
           adapter): the floor under any adapter step.
   torch   transformers' LlamaForCausalLM with peft LoRA r16 on the same modules, AdamW step.
-All fp32, random weights, one batch of random tokens, every core of this machine. Each variant
-is compiled / warmed up first; then the timed steps run round robin (one step of each variant per
-round, so that changing machine load falls on all alike) and the median is reported.
+All fp32, random weights, one batch of random tokens, on the cores this process may use (all, or
+those `taskset -c` leaves it; torch gets as many threads). Each variant is compiled / warmed up
+first; then the timed steps run round robin (one step of each variant per round, so that a
+change in machine load falls on all alike). Reported: the medians of the wall time and of the
+process CPU time (robust on a machine shared with other programs).
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def time_interleaved(
     steps: dict[str, Callable[[], object]], warmup: int, rounds: int
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Seconds of each timed call of every step function (each must block until done).
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """`(wall, cpu)` seconds of each timed call of every step function (each must block until
+    done); cpu is this process's CPU time over all its threads, which other programs on a shared
+    machine do not inflate.
 
     Every function is first called `warmup` times (compilation); then the timed calls go round
     robin, one of each per round, so that a change in machine load falls on all variants alike.
@@ -70,12 +74,12 @@ def time_interleaved(
         for _ in range(warmup):
             step()
         warm[name] = time.perf_counter() - start
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     return times, warm
 
 
@@ -141,7 +145,7 @@ def torch_variant(args: argparse.Namespace) -> Callable[[], object]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores XLA sees too (taskset)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.d_model,
                          intermediate_size=args.ffn, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokens = args.batch * args.seq
     print(f"# {' '.join(sys.argv)}")
-    print(f"# {platform.platform()}, {os.cpu_count()} cores; jax {jax.__version__} "
+    print(f"# {platform.platform()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores; "
+          f"jax {jax.__version__} "
           f"({jax.devices()[0].device_kind}), torch {torch.__version__}; load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"# d_model {args.d_model}, {args.layers} layers, {args.heads} heads, ffn {args.ffn}, "
@@ -185,17 +190,25 @@ def main(argv: list[str] | None = None) -> dict:
     times, warm = time_interleaved(steps, args.warmup, args.steps)
     results = {}
     for name in variants:
-        median = statistics.median(times[name])
-        results[name] = {"median_s": median, "min_s": min(times[name]), "times_s": times[name],
+        wall = [w for w, _ in times[name]]
+        cpu = [c for _, c in times[name]]
+        median = statistics.median(wall)
+        results[name] = {"median_s": median, "min_s": min(wall), "times_s": wall,
+                         "median_cpu_s": statistics.median(cpu), "cpu_s": cpu,
                          "warmup_s": warm[name], "tokens_per_s": tokens / median}
-        print(f"{name:7s} median {median:8.3f} s  min {min(times[name]):8.3f} s  "
-              f"{tokens / median:9.1f} tok/s  (warm-up incl. compile {warm[name]:.1f} s)")
+        print(f"{name:7s} median {median:8.3f} s  min {min(wall):8.3f} s  "
+              f"cpu {statistics.median(cpu):8.3f} s  {tokens / median:9.1f} tok/s  "
+              f"(warm-up incl. compile {warm[name]:.1f} s)")
     if "lora" in results:
         base = results["lora"]["median_s"]
+        base_cpu = results["lora"]["median_cpu_s"]
         for r in results.values():
             r["vs_lora"] = r["median_s"] / base
-        print("ratios to slim_jax LoRA: " + ", ".join(
+            r["cpu_vs_lora"] = r["median_cpu_s"] / base_cpu
+        print("wall-time ratios to slim_jax LoRA: " + ", ".join(
             f"{n} {r['vs_lora']:.2f}x" for n, r in results.items()))
+        print("cpu-time ratios to slim_jax LoRA:  " + ", ".join(
+            f"{n} {r['cpu_vs_lora']:.2f}x" for n, r in results.items()))
     if "slim" in results and "lora" in results:
         print(f"target SLIM <= 1.3x LoRA: {results['slim']['vs_lora']:.2f}x "
               f"({'met' if results['slim']['vs_lora'] <= 1.3 else 'MISSED'})")

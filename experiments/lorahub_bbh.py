@@ -44,7 +44,7 @@ from experiments.presets.lorahub import preset as get_preset
 from experiments.train_lora_modules import enable_compilation_cache, load_model, train_modules
 from slim_jax.data import BBHTask, load_bbh
 from slim_jax.errors import CheckpointError, SlimJaxError
-from slim_jax.lorahub.library import LoRAModule, find_module, load_module
+from slim_jax.lorahub.library import LoRAModule, check_modules, find_module, load_module
 from slim_jax.lorahub.protocol import TaskResult, module_draws, run_bbh_task, steps_per_task
 from slim_jax.lorahub.report import plot_search_progress, results_json, results_table
 from slim_jax.lorahub.upstream import read_module_ids, task_of
@@ -171,6 +171,7 @@ def run_experiment(config: LoRAHubExperiment, command: str) -> list[TaskResult]:
     model, tokenizer, _ = load_model(config.model, config.data_dir)
     needed = list(dict.fromkeys(n for draw in draws for n in draw))
     modules = load_modules(config, model, needed, ids)
+    check_modules(list(modules.values()))  # different ranks or layers: named, before any task
 
     out = run_folder(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -210,6 +210,11 @@ def build_capability(config: SlimExperiment, base: nnx.Module, tokenizer: Tokeni
 
 # -- one run ------------------------------------------------------------------------------------
 
+class Preempted(Exception):
+    """SIGTERM stopped a run: its checkpoint is saved; the experiment stops after writing the
+    results of the runs that finished."""
+
+
 @dataclasses.dataclass
 class Context:
     """What every run shares: config, folders, task, tokenised training data, the base measures."""
@@ -271,6 +276,9 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
     trainer = Trainer(model, train_config, devices=ctx.devices)
     result: TrainResult = trainer.fit(batches)
     train_seconds = time.perf_counter() - start
+    if result.stopped == "preempted":
+        raise Preempted(f"{method_name} seed {seed} stopped by SIGTERM at step {result.step} "
+                        f"(checkpoint in {run_dir / 'checkpoints'})")
 
     start = time.perf_counter()
     trained = eval_view(trainer.model())
@@ -360,14 +368,18 @@ def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
                   base_record, devices)
 
     runs: list[dict[str, Any]] = []
-    results: dict[str, Any] = {}
-    for method in config.methods:
-        for seed in config.seeds:
-            runs.append(run_method(ctx, method, seed))
-            results = _write_results(ctx, runs, time.perf_counter() - clock)
+    results: dict[str, Any] = {"runs": runs, "stopped": "completed"}
+    try:
+        for method in config.methods:
+            for seed in config.seeds:
+                runs.append(run_method(ctx, method, seed))
+                results = _write_results(ctx, runs, time.perf_counter() - clock)
+    except Preempted as stop:
+        print(f"{stop}; results of the {len(runs)} finished runs are in {out}", flush=True)
+        return {**results, "stopped": "preempted"}
     print(f"done in {time.perf_counter() - clock:.0f}s; results in {out / 'results.md'}",
           flush=True)
-    return results
+    return {**results, "stopped": "completed"}
 
 
 def _write_results(ctx: Context, runs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -398,16 +410,17 @@ def _write_results(ctx: Context, runs: list[dict[str, Any]], seconds: float) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; bad input prints one line to stderr and returns 2."""
+    """The command line. Returns 0 when done, 2 on bad input (one line on stderr, no
+    traceback), 143 when SIGTERM stopped it (checkpoint and finished results saved)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_cli(args)
-        run_experiment(config, shlex.join([*PROG.split(), *args]))
+        results = run_experiment(config, shlex.join([*PROG.split(), *args]))
     except SlimJaxError as err:
         message = " ".join(str(err).split())
         print(f"{PROG.split()[-1]}: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return 143 if results["stopped"] == "preempted" else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ the newest `keep` checkpoints are kept; a half-written one is never listed.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -116,6 +117,8 @@ class Checkpointer:
     ) -> bool:
         """Start writing the checkpoint of `step`; returns False if that step is already saved.
 
+        With several processes every process calls this (each writes the shards it owns).
+
         Args:
           step: the training step the items belong to (number of updates applied).
           items: `{name: pytree}`; arrays may be sharded, `nnx.Variable`s are stored by value.
@@ -129,6 +132,10 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         record = {**(meta or {}), "step": int(step)}
+        try:  # checked here: an asynchronous save would only fail later, in the background
+            json.dumps(record)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {err}") from err
         # An item without arrays (a model with no mutable state) has nothing to write.
         args = {
             name: ocp.args.StandardSave(plain(tree))
@@ -136,10 +143,7 @@ class Checkpointer:
             if jax.tree.leaves(tree)
         }
         args[META] = ocp.args.JsonSave(record)
-        try:
-            return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=True))
-        except TypeError as err:
-            raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {err}") from err
+        return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=True))
 
     def restore(
         self, targets: Mapping[str, Any], step: int | None = None

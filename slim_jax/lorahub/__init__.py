@@ -3,6 +3,15 @@
 - `library`: load N LoRA modules (PEFT directories or slim_jax adapters), check, stack, attach.
 - `objective`: the few-shot loss of a composition plus `0.05 * mean|w|`, for a population at once.
 - `search`: evosax CMA-ES (vmapped population, `lax.scan` loop), COBYLA (the reference's), Adam.
+- `predict`, `protocol`, `report`: BIG-Bench Hard answers, the paper's protocol, tables and plots.
+- `upstream`: train LoRA modules on the T0 template tasks named like LoRAHub's, save as PEFT.
+
+>>> import numpy as np
+>>> from slim_jax.lorahub import LoRAModule, ModuleLibrary
+>>> mods = [LoRAModule(f"m{i}", 1, 1.0, {"q": (np.ones((2, 1)), np.ones((1, 2)))})
+...         for i in range(3)]
+>>> ModuleLibrary.from_modules(mods).num_modules
+3
 """
 
 from slim_jax.lorahub.library import (
@@ -11,6 +20,7 @@ from slim_jax.lorahub.library import (
     LoRAModule,
     ModuleLibrary,
     check_modules,
+    find_module,
     load_module,
     module_from_model,
 )
@@ -22,6 +32,15 @@ from slim_jax.lorahub.objective import (
     is_encoder_decoder,
     objective_layout,
 )
+from slim_jax.lorahub.predict import greedy_answers
+from slim_jax.lorahub.protocol import (
+    ProtocolConfig,
+    RunResult,
+    TaskResult,
+    module_draws,
+    run_bbh_task,
+)
+from slim_jax.lorahub.report import plot_search_progress, results_json, results_table
 from slim_jax.lorahub.search import (
     SEARCHES,
     SearchResult,
@@ -34,6 +53,13 @@ from slim_jax.lorahub.search import (
     score_population,
     search,
 )
+from slim_jax.lorahub.upstream import (
+    UpstreamConfig,
+    read_module_ids,
+    save_module,
+    train_module,
+    upstream_task_names,
+)
 
 __all__ = [
     "L1_COEFF",
@@ -44,19 +70,34 @@ __all__ = [
     "LoRAModule",
     "ModuleLibrary",
     "Objective",
+    "ProtocolConfig",
+    "RunResult",
     "SearchResult",
+    "TaskResult",
+    "UpstreamConfig",
     "build_objective",
     "check_modules",
     "cmaes_search",
     "cobyla_search",
+    "find_module",
     "fold",
     "gradient_search",
+    "greedy_answers",
     "is_encoder_decoder",
     "load_module",
+    "module_draws",
     "module_from_model",
     "objective_layout",
+    "plot_search_progress",
     "population_mesh",
+    "read_module_ids",
+    "results_json",
+    "results_table",
+    "run_bbh_task",
+    "save_module",
     "score_candidates",
     "score_population",
     "search",
+    "train_module",
+    "upstream_task_names",
 ]

@@ -310,7 +310,7 @@ class ModuleLibrary:
             pattern = "^(?:" + "|".join(re.escape(p) for p in todo) + ")$"
             inject(model, pattern, config, rngs=nnx.Rngs(0))
         graphdef, adapters, rest = split_adapters(model)
-        return AttachedLibrary(graphdef, rest, self._stacked_state(adapters), self.names)
+        return AttachedLibrary(graphdef, rest, self._stacked_state(adapters))
 
     def _stacked_state(self, adapters: nnx.State) -> nnx.State:
         """The stacked factors as a state of the model's adapter structure, leaves `[N, ...]`."""
@@ -328,24 +328,24 @@ class ModuleLibrary:
 class AttachedLibrary:
     """A base model split for LoRAHub: structure, frozen base, stacked module factors.
 
-    A pytree (the graph definition and names are static), so it passes into `jax.jit`.
+    A pytree whose only static part is the graph definition, so it passes into `jax.jit`, and
+    every library of the same layers and shapes (another draw of modules) reuses the compiled
+    programs. The module names stay with the `ModuleLibrary` (same order as the weights).
 
     Attributes:
       graphdef: the adapted model's structure (`slim_jax.nn.split_adapters`).
       rest: the frozen base state, shared by every candidate composition.
       stacked: the module factors laid out like the model's adapter state, leaves `[N, ...]`.
-      names: the module names, in the order of the weights.
     """
 
     graphdef: nnx.GraphDef = dataclasses.field(metadata={"static": True})
     rest: nnx.State
     stacked: nnx.State
-    names: tuple[str, ...] = dataclasses.field(metadata={"static": True})
 
     @property
     def num_modules(self) -> int:
-        """N."""
-        return len(self.names)
+        """N, the length of the weight vectors."""
+        return jax.tree.leaves(self.stacked)[0].shape[0]
 
     def composed(self, weights: jax.Array) -> nnx.State:
         """The adapter state of `w [N]`: LORAHUB.md s2, `A_hat = sum_i w_i A_i`, `B_hat = ...`."""

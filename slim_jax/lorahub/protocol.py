@@ -260,17 +260,20 @@ def run_bbh_task(
         candidates: dict[str, np.ndarray] = {}
         if "uniform" in config.baselines:
             candidates["uniform"] = np.full(n, 1.0 / n, np.float32)
-        if "best_single" in config.baselines:
-            singles = np.asarray(score_candidates(objective, jnp.eye(n)))
-            best = int(np.argmin(singles))
-            candidates["best_single"] = np.eye(n, dtype=np.float32)[best]
-            result.best_single = names[best]
-        if candidates:
-            values = np.asarray(score_candidates(objective, jnp.asarray(np.stack(
-                list(candidates.values())))))
-            for (name, w), v in zip(candidates.items(), values, strict=True):
-                result.objectives[name] = float(v)
-                result.weights[name] = w.tolist()
+        if "best_single" in config.baselines or candidates:
+            # One vmapped pass scores every single module and the uniform average.
+            grid = np.concatenate([np.eye(n, dtype=np.float32),
+                                   np.full((1, n), 1.0 / n, np.float32)])
+            values = np.asarray(score_candidates(objective, jnp.asarray(grid)))
+            if "uniform" in candidates:
+                result.objectives["uniform"] = float(values[n])
+                result.weights["uniform"] = grid[n].tolist()
+            if "best_single" in config.baselines:
+                best = int(np.argmin(values[:n]))
+                candidates["best_single"] = grid[best]
+                result.best_single = names[best]
+                result.objectives["best_single"] = float(values[best])
+                result.weights["best_single"] = grid[best].tolist()
         for method in config.methods:
             found = search(objective, method, **config.search_options(method, run))
             candidates[method] = found.weights

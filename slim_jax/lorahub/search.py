@@ -300,6 +300,12 @@ def cobyla_search(
                         time.perf_counter() - start)
 
 
+@functools.lru_cache(maxsize=32)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    # One instance per rate: jit treats the optimiser as static, hashed by identity.
+    return optax.adam(learning_rate)
+
+
 @functools.partial(jax.jit, static_argnames=("steps", "bound", "optimizer"))
 def _descend(objective: SearchObjective, start: jax.Array, *, steps: int, bound: float,
              optimizer: optax.GradientTransformation) -> tuple[jax.Array, jax.Array]:
@@ -344,7 +350,7 @@ def gradient_search(
     w0 = jnp.full((n,), 1.0 / n if start is None else start, jnp.float32)
     t0 = time.perf_counter()
     ws, values = _descend(objective, jnp.clip(w0, -bound, bound), steps=budget,
-                          bound=float(bound), optimizer=optax.adam(learning_rate))
+                          bound=float(bound), optimizer=_adam(float(learning_rate)))
     values = np.asarray(values, np.float64)
     best = int(np.nanargmin(values))
     return SearchResult("gradient", np.asarray(ws[best]), float(values[best]), values,

@@ -148,9 +148,10 @@ def train_module(
 ) -> tuple[LoRAModule, list[dict[str, float]]]:
     """Train a fresh LoRA module on `examples`: `(module, the trainer's per-step records)`.
 
-    The model gets LoRA layers on `config.targets` (in place, once: `prepare_model`), which are
-    re-initialised from `seed`; `Trainer` (which never modifies the model it is given) trains a
-    copy of the adapters, and the trained factors come back as a `LoRAModule` named `name`.
+    The model gets LoRA layers on `config.targets` (in place, once: `prepare_model`), re-
+    initialised from `seed`; `Trainer` trains them on its own copy of the state, and the trained
+    factors come back as a `LoRAModule` named `name`. The model's LoRA layers are then reset
+    (zero B), so it computes the base function again.
 
     Raises:
       ConfigError / DataError: bad settings, no examples, fewer examples than one batch.
@@ -160,13 +161,16 @@ def train_module(
     if config.max_examples is not None:
         examples = examples[:config.max_examples]
     prepare_model(model, config)
-    reset_adapters(model, seed)
     data = tokenize_examples(examples, layout)
     batches = BatchIterator(data, layout, global_batch_size=config.batch_size, seed=seed,
                             pack=config.pack)
+    # Fresh arrays for the trainer: it donates its state buffers, which may be the model's own.
+    reset_adapters(model, seed)
     trainer = Trainer(model, config.train, devices=devices)
     result = trainer.fit(batches)
-    return module_from_model(trainer.model(), name), result.history
+    module = module_from_model(trainer.model(), name)
+    reset_adapters(model, seed)
+    return module, result.history
 
 
 def train_task_module(

@@ -37,10 +37,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
-from slim_jax.checkpoint import META, Checkpointer
+from slim_jax.checkpoint import META, Checkpointer, plain
 from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.models import peft_io
 from slim_jax.nn import LoRAConfig, LoRALinear, SlimConfig, adapted_layers, inject, module_path
@@ -335,27 +338,67 @@ def load_adapter_checkpoint(
                               "<run_dir>/checkpoints)")
     with Checkpointer(directory, async_save=False) as checkpointer:
         meta = checkpointer.restore_meta(step)
+        step = int(meta["step"])
+        stored = _stored_shapes(directory / str(step) / ADAPTERS_ITEM, source)
         spec = meta.get(ADAPTER_SPEC_KEY)
         present = adapter_spec(model)
         if spec is None and not present:
+            layers = sorted({path.rsplit("/", 1)[0] for path in stored})
             raise CheckpointError(
-                f"{source} (step {meta['step']}) does not record which layers carry which "
-                f"adapter (metadata key {ADAPTER_SPEC_KEY!r}); inject the adapters it was "
-                "trained with (slim_jax.nn.inject) before loading it, or re-save it with "
-                "slim_jax.models.adapter_io.save_adapter_checkpoint")
+                f"{source} (step {step}) does not record which adapter each layer carries "
+                f"(metadata key {ADAPTER_SPEC_KEY!r}), so it can only be restored into a model "
+                f"whose adapters were injected as they were for training (slim_jax.nn.inject); "
+                f"it holds adapters on {len(layers)} layer(s): {', '.join(layers[:4])}"
+                f"{' ...' if len(layers) > 4 else ''}")
         if spec is not None:
             wanted = _parse_spec(spec, source)
             if present:
                 _check_same_adapters(_parse_spec(present, "the model"), wanted, source)
             else:
                 inject_spec(model, spec, source=source)
+        items = _inference_items(model)
+        _check_fits(stored, _shapes(items[ADAPTERS_ITEM]), f"{source} (step {step})", model)
         try:
-            items, _ = checkpointer.restore(_inference_items(model), meta["step"])
+            items, _ = checkpointer.restore(items, step)
         except CheckpointError as err:
-            raise CheckpointError(f"the adapters of {source} (step {meta['step']}) do not fit "
+            raise CheckpointError(f"the adapter state of {source} (step {step}) does not fit "
                                   f"this {type(model).__name__}: {err}") from err
     nnx.update(model, items[ADAPTERS_ITEM], items[STATE_ITEM])
     return list(adapted_layers(model))
+
+
+def _stored_shapes(item_dir: Path, source: str) -> dict[str, tuple[int, ...]]:
+    """`{array path: shape}` of a checkpoint item, read from its metadata (no array is read)."""
+    if not item_dir.is_dir():
+        raise CheckpointError(f"{source} has no {item_dir.name!r} item in step "
+                              f"{item_dir.parent.name}; a slim_jax adapter checkpoint holds "
+                              f"{ADAPTERS_ITEM!r} (and {STATE_ITEM!r})")
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+    return _shapes(getattr(metadata, "tree", metadata))
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """`{'/'-joined path: shape}` of every array leaf of `tree` (Variables unwrapped)."""
+    leaves = jax.tree_util.tree_flatten_with_path(plain(tree))[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+            tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _check_fits(stored: Mapping[str, tuple[int, ...]], mine: Mapping[str, tuple[int, ...]],
+                source: str, model: nnx.Module) -> None:
+    """Name the adapter arrays the checkpoint and the model do not share, or whose shapes differ."""
+    name = type(model).__name__
+    extra, missing = sorted(set(stored) - set(mine)), sorted(set(mine) - set(stored))
+    if extra:
+        raise CheckpointError(f"{source} holds adapter arrays this {name}'s adapters lack: "
+                              f"{', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+    if missing:
+        raise CheckpointError(f"{source} lacks adapter arrays of this {name}: "
+                              f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for path in sorted(stored):
+        if tuple(stored[path]) != tuple(mine[path]):
+            raise CheckpointError(f"adapter array {path!r}: {source} has shape "
+                                  f"{tuple(stored[path])}, this {name} needs {tuple(mine[path])}")
 
 
 def _check_same_adapters(have: Mapping[str, Any], want: Mapping[str, Any], source: str) -> None:

@@ -12,6 +12,7 @@ Module names are translated by each architecture's own Hugging Face mapping (`t5
 `llama.hf_name_to_path` and their inverses), so there is one name mapping per architecture.
 
 - `read_peft_config(dir)`: the adapter's settings, unsupported options refused by name.
+- `same_base_model(recorded, given)`: whether an adapter's recorded base names the given model.
 - `load_peft_factors(dir, model)`: `(config, {layer path: (A [d_in, r], B [r, d_out])})`, checked
   against the model (LoRAHub stacks these for its composition).
 - `load_peft(model, dir)`: inject `LoRALinear` into the targeted layers and set their factors.
@@ -258,13 +259,25 @@ def read_peft_config(directory: str | os.PathLike[str]) -> PeftLoRAConfig:
     return PeftLoRAConfig.from_json(raw, source=str(path))
 
 
+def same_base_model(recorded: str | os.PathLike[str], given: str | os.PathLike[str]) -> bool:
+    """Whether two base model names (hub ids or local directories) plausibly name one model:
+    equal, or equal in their last path part (`google/flan-t5-large` ~ `/models/flan-t5-large`).
+
+    >>> same_base_model("google/flan-t5-large", "/models/FLAN-T5-large/")
+    True
+    >>> same_base_model("google/flan-t5-large", "google/t5-v1_1-large")
+    False
+    """
+    name = lambda s: str(s).rstrip("/").split("/")[-1].lower()
+    return str(recorded).rstrip("/") == str(given).rstrip("/") or name(recorded) == name(given)
+
+
 def _check_base(config: PeftLoRAConfig, expected: str | None, source: str) -> None:
-    """Refuse an adapter recorded for another base model (compared by full id or last part)."""
+    """Refuse an adapter recorded for another base model (`same_base_model`)."""
     recorded = config.base_model_name_or_path
     if expected is None or not recorded:
         return
-    name = lambda s: str(s).rstrip("/").split("/")[-1].lower()  # hub id or local directory
-    if str(expected).rstrip("/") != recorded.rstrip("/") and name(expected) != name(recorded):
+    if not same_base_model(recorded, expected):
         raise CheckpointError(f"{source} was trained on base model {recorded!r}, not "
                               f"{str(expected)!r}; load it onto its own base model")
 

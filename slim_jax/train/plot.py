@@ -41,9 +41,11 @@ def plot_loss(
         out = out.with_name("loss.png")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     steps = [r["step"] for r in records]
-    ax.plot(steps, [r["loss"] for r in records], label="loss")
+    marker = "." if len(records) < 50 else None  # few points: show where they are
+    ax.plot(steps, [r["loss"] for r in records], label="loss", marker=marker)
     if any(r.get("l1", 0) for r in records):
-        ax.plot(steps, [r.get("ce", r["loss"]) for r in records], label="cross-entropy")
+        ax.plot(steps, [r.get("ce", r["loss"]) for r in records], label="cross-entropy",
+                marker=marker)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

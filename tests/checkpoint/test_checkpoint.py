@@ -107,6 +107,8 @@ def test_errors_are_named(tmp_path):
         ckpt.save(1, {"adapters": {"w": jnp.ones(2)}})
         with pytest.raises(CheckpointError, match=r"no checkpoint at step 7 .*steps there: \[1\]"):
             ckpt.restore({"adapters": {"w": jnp.zeros(2)}}, step=7)
+        with pytest.raises(CheckpointError, match=r"metadata must be JSON-serialisable"):
+            ckpt.save(2, {"adapters": {"w": jnp.ones(2)}}, meta={"bad": object()})
         with pytest.raises(CheckpointError, match=r"'meta' is reserved"):
             ckpt.save(2, {"meta": {"w": jnp.ones(2)}})
         with pytest.raises(CheckpointError, match=r"does not fit the requested items"):

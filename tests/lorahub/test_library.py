@@ -71,7 +71,7 @@ def test_different_shape_names_the_layer(modules):
 
 def test_different_scale_and_duplicate_names(modules):
     odd = dataclasses.replace(modules[1], alpha=16.0, name="loud")
-    with pytest.raises(LibraryError, match="module 'loud' has LoRA scale 8.0"):
+    with pytest.raises(LibraryError, match=r"module 'loud' has LoRA scale 8\.0"):
         ModuleLibrary.from_modules([modules[0], odd])
     with pytest.raises(LibraryError, match="repeated: \\['m0'\\]"):
         ModuleLibrary.from_modules([modules[0], modules[0]])

@@ -1,0 +1,127 @@
+"""`python -m experiments.lorahub_bbh` and `experiments.train_lora_modules`: help, one-line errors
+for bad input, and a tiny run end to end on the TinyStories model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import lorahub_bbh, train_lora_modules
+from slim_jax.lorahub import load_module
+from slim_jax.models.llama2c import load_llama2c
+from slim_jax.models.peft_io import save_peft
+from slim_jax.nn import LoRAConfig, adapted_layers, inject
+
+TASKS = ("qasc_qa_with_separated_facts_3", "wiki_hop_original_choose_best_object_affirmative_1")
+
+
+def run(main, capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lorahub_bbh.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--protocol.budget" in out and "default: 40" in out
+    assert "--data-dir" in out and "--bbh.tasks" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bbh.tasks", "navigat"], "'navigat' is not a BIG-Bench Hard task; did you mean "
+                                 "['navigate']?"),
+    (["--bbh.tasks", "navigate", "--protocol.k", "300"],
+     "K=300 ADAPT examples requested but the task has 250"),
+    (["--protocol.budget", "4", "--protocol.population-size", "8"],
+     "a budget of 4 evaluations is smaller than one CMA-ES generation of population_size=8"),
+])
+def test_bad_input_is_one_line(args, message, capsys, shared_data, tmp_path):
+    code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data),
+                    "--modules.dir", str(tmp_path), "--progress", "false", *args)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+
+
+def test_missing_modules_name_the_training_command(capsys, shared_data, tmp_path):
+    code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--modules.dir",
+                    str(tmp_path / "none"), "--modules.train-missing", "false", "--progress",
+                    "false")
+    assert code == 2 and "python -m experiments.train_lora_modules --out" in err
+
+
+def test_modules_of_different_ranks_are_named(capsys, shared_data, tmp_path):
+    folder = shared_data / "tinystories260k"
+    for task, rank in zip(TASKS, (2, 4), strict=True):
+        model, _ = load_llama2c(folder / "checkpoint_v1.bin")
+        inject(model, "(q|v)_proj$", LoRAConfig(rank=rank, alpha=2.0 * rank), rngs=nnx.Rngs(0))
+        save_peft(model, tmp_path / task, base_model_name_or_path=str(folder))
+    code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--modules.dir",
+                    str(tmp_path), "--protocol.modules-per-run", "2", "--protocol.runs", "1",
+                    "--progress", "false", "--compilation-cache", "none")
+    assert code == 2 and err.count("\n") == 1
+    assert "has rank 4" in err and "has rank 2: all modules must have the same rank" in err
+
+
+def test_train_lora_modules_writes_peft_modules(capsys, shared_data, tmp_path):
+    out = tmp_path / "modules"
+    args = ["--data-dir", str(shared_data), "--progress", "false", "--compilation-cache", "none",
+            "--upstream.num-modules", "1", "--upstream.steps", "2", "--upstream.max-length", "64",
+            "--upstream.num-devices", "1", "--out", str(out)]
+    code, err = run(train_lora_modules.main, capsys, *args)
+    assert code == 0, err
+    manifest = json.loads((out / "modules.json").read_text())
+    assert manifest["tasks"] == [TASKS[0]] and manifest["losses"][TASKS[0]]["steps"] == 2
+    model, _ = load_llama2c(shared_data / "tinystories260k" / "checkpoint_v1.bin")
+    module = load_module(out / TASKS[0], model)
+    assert (module.rank, module.alpha) == (16, 32.0)
+    assert len(module.paths) == 10 and module.paths[0] == "layers/0/self_attn/q_proj"
+    assert any(np.abs(b).max() > 0 for _, b in module.factors.values())  # B was trained
+    weights = out / TASKS[0] / "adapter_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert run(train_lora_modules.main, capsys, *args)[0] == 0  # kept, not retrained
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
+    """The TinyStories model, three modules, two tasks, two runs: every output is written."""
+    folder = shared_data / "tinystories260k"
+    modules, out = tmp_path / "modules", tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for task in (*TASKS, "quoref_What_Is_The_Answer"):
+        model, _ = load_llama2c(folder / "checkpoint_v1.bin")
+        inject(model, "(q|v)_proj$", LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
+        for layer in adapted_layers(model).values():
+            layer.lora_b.set_value(0.1 * rng.standard_normal(layer.lora_b.shape, np.float32))
+        save_peft(model, modules / task, base_model_name_or_path=str(folder))
+    code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--progress",
+                    "false", "--compilation-cache", "none", "--modules.dir", str(modules),
+                    "--out", str(out), "--bbh.tasks", "navigate,web_of_lies",
+                    "--protocol.runs", "2", "--protocol.modules-per-run", "2",
+                    "--protocol.max-test-examples", "2", "--protocol.max-new-tokens", "2",
+                    "--protocol.max-length", "64", "--protocol.budget", "8",
+                    "--protocol.population-size", "4")
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert [t["task"] for t in results["tasks"]] == ["navigate", "web_of_lies"]
+    config = json.loads((out / "config.json").read_text())
+    for task in results["tasks"]:
+        assert task["num_test"] == 2 and set(task["baselines"]) == {"zero_shot", "icl"}
+        for run_result, draw in zip(task["runs"], config["draws"], strict=True):
+            assert run_result["modules"] == draw
+            assert set(run_result["scores"]) == {"uniform", "best_single", "cmaes", "cobyla"}
+    # The draws are random.seed(s); random.sample over the modules in LoRAHub's list order.
+    assert config["draws"] == [random.Random(s).sample(
+        [TASKS[0], TASKS[1], "quoref_What_Is_The_Answer"], 2) for s in (1, 2)]
+    table = (out / "results.md").read_text()
+    assert "| navigate | 2 |" in table and "LoRAHub CMA-ES (best)" in table
+    assert "| **average** | 4 |" in table
+    assert (out / "search_progress.png").stat().st_size > 0
+    assert (out / "command.txt").read_text().startswith(
+        "python -m experiments.lorahub_bbh --data-dir")

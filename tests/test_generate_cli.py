@@ -1,0 +1,231 @@
+"""`python -m slim_jax.generate`: the printed text equals the library's, every model kind and
+adapter format loads, and bad input is one line on stderr with exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import peft
+import pytest
+import tokenizers
+import torch
+import transformers
+from flax import nnx
+
+from slim_jax.eval import eval_view
+from slim_jax.generate import PROG, main
+from slim_jax.models import t5_generate
+from slim_jax.models.adapter_io import save_adapter_checkpoint
+from slim_jax.models.generate import generate
+from slim_jax.models.llama import Llama
+from slim_jax.models.llama2c import load_llama2c
+from slim_jax.models.peft_io import load_peft
+from slim_jax.models.t5 import T5
+from slim_jax.nn import LoRAConfig, SlimConfig, adapted_layers, inject
+from slim_jax.tokenizer import HFTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+STORY = "tinystories260k/checkpoint_v1.bin"
+VOCAB = 64
+PROMPT = "w5 w9 w13 w17"
+
+
+def _save_word_tokenizer(folder: Path, specials: dict[str, str]) -> None:
+    """A word-level tokenizer: the special tokens first, then words w<i> up to VOCAB."""
+    vocab = {token: i for i, token in enumerate(specials.values())}
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=specials["unk_token"]))
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, **specials).save_pretrained(folder)
+
+
+def _randomise(model: torch.nn.Module, seed: int, scale: float, *, only: str = "") -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if only in name:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def _never_eos(model: torch.nn.Module, eos_id: int) -> None:
+    """Zero the head's EOS row: its logit is 0, below the largest of the other (random) logits,
+    so greedy texts run to max_new_tokens and comparisons compare whole texts."""
+    with torch.no_grad():
+        model.lm_head.weight[eos_id].zero_()
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random Llama (GQA) with a word tokenizer, and a peft LoRA adapter trained on it."""
+    root = tmp_path_factory.mktemp("cli_llama")
+    base, adapter = root / "base", root / "adapter"
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config)
+    _randomise(model, 0, 0.2)
+    _never_eos(model, config.eos_token_id)
+    model.save_pretrained(base)
+    _save_word_tokenizer(base, {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"})
+    lora = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base),
+                               peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                                               target_modules=["q_proj", "v_proj", "down_proj"]))
+    _randomise(lora, 1, 1.0, only="lora_")
+    lora.save_pretrained(adapter)
+    return base, adapter
+
+
+@pytest.fixture(scope="module")
+def hf_t5(tmp_path_factory) -> Path:
+    """A tiny random T5 v1.1 (gated-GELU, untied head) with a word tokenizer."""
+    folder = tmp_path_factory.mktemp("cli_t5")
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=2,
+        num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+    model = transformers.T5ForConditionalGeneration(config)
+    _randomise(model, 0, 0.3)
+    _never_eos(model, config.eos_token_id)
+    model.save_pretrained(folder)
+    _save_word_tokenizer(folder, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+    return folder
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------ generated text
+
+
+def test_tinystories_writes_a_story_through_the_module(shared_data):
+    """The real llama2.c model, run as `python -m slim_jax.generate` from an empty prompt."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    env.pop("SLIM_JAX_DATA_DIR", None)  # found through --data-dir alone
+    done = subprocess.run(
+        [sys.executable, "-m", "slim_jax.generate", STORY, "--data-dir", str(shared_data),
+         "--max-new-tokens", "48"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    story = done.stdout
+    assert story.startswith("Once upon a time") and "Lily" in story
+    model, tokenizer = load_llama2c(shared_data / STORY)
+    expected = generate(model, [""], tokenizer=tokenizer, max_new_tokens=48).texts[0]
+    assert story == expected + "\n"  # the text and nothing else
+
+
+def test_sampling_settings_reach_the_sampler(shared_data, capsys):
+    args = [shared_data / STORY, "--prompt", "Lily and Tom", "--max-new-tokens", "24",
+            "--temperature", "0.9", "--top-p", "0.9"]
+    code, seed1, err = _cli(capsys, *args, "--seed", "1")
+    assert (code, err) == (0, "")
+    model, tokenizer = load_llama2c(shared_data / STORY)
+    expected = generate(model, ["Lily and Tom"], tokenizer=tokenizer, max_new_tokens=24,
+                        temperature=0.9, top_p=0.9, key=jax.random.key(1)).texts[0]
+    assert seed1 == expected + "\n"
+    assert _cli(capsys, *args, "--seed", "2")[1] != seed1
+
+
+def test_hf_llama_with_a_peft_adapter_matches_the_library(hf_llama, capsys):
+    base, adapter = hf_llama
+    code, out, err = _cli(capsys, base, "--adapter", adapter, "--prompt", PROMPT,
+                          "--max-new-tokens", "12")
+    assert (code, err) == (0, "")  # the adapter records this base: no warning
+    tokenizer = HFTokenizer(base)
+    model = Llama.from_pretrained(base)
+    plain = generate(model, [PROMPT], tokenizer=tokenizer, max_new_tokens=12).texts[0]
+    load_peft(model, adapter)
+    adapted = generate(model, [PROMPT], tokenizer=tokenizer, max_new_tokens=12).texts[0]
+    assert len(adapted.split()) == 12 and adapted != plain  # the comparison below means it
+    assert out == adapted + "\n"
+
+
+def test_slim_jax_checkpoint_adapter_matches_the_library(hf_llama, tmp_path, capsys):
+    base, _ = hf_llama
+    model = Llama.from_pretrained(base)
+    inject(model, r"layers/1/mlp/up_proj$", SlimConfig(num_lora_experts=2, num_identity_experts=1,
+                                                     top_k=2, rank=2, num_clusters=2),
+           rngs=nnx.Rngs(1))
+    inject(model, r"q_proj$", LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(2))
+    for i, (path, layer) in enumerate(adapted_layers(model).items()):
+        key = jax.random.key(i)
+        if path.endswith("q_proj"):
+            layer.lora_b.set_value(jax.random.normal(key, layer.lora_b.shape))
+        else:  # trained-looking experts and cluster statistics
+            layer.experts_b.set_value(jax.random.normal(key, layer.experts_b.shape))
+            layer.cluster_mean.set_value(jax.random.normal(key, layer.cluster_mean.shape))
+            layer.cluster_var.set_value(np.full(layer.cluster_var.shape, 0.5, np.float32))
+            layer.cluster_count.set_value(np.int32(9))
+    save_adapter_checkpoint(model, tmp_path / "checkpoints", step=5)
+    tokenizer = HFTokenizer(base)
+    plain = generate(Llama.from_pretrained(base), [PROMPT], tokenizer=tokenizer,
+                     max_new_tokens=12).texts[0]
+    expected = generate(eval_view(model), [PROMPT], tokenizer=tokenizer,
+                        max_new_tokens=12).texts[0]
+    assert len(expected.split()) == 12 and expected != plain
+    code, out, err = _cli(capsys, base, "--adapter", tmp_path / "checkpoints" / "5", "--prompt",
+                          PROMPT, "--max-new-tokens", "12")
+    assert (code, err) == (0, "")
+    assert out == expected + "\n"
+
+
+def test_t5_answers_like_the_library(hf_t5, capsys):
+    code, out, err = _cli(capsys, hf_t5, "--prompt", PROMPT, "--max-new-tokens", "10")
+    assert (code, err) == (0, "")
+    expected = t5_generate.generate(T5.from_pretrained(hf_t5), [PROMPT],
+                                    tokenizer=HFTokenizer(hf_t5), max_new_tokens=10).texts[0]
+    assert len(expected.split()) == 10 and out == expected + "\n"
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def _one_line_error(capsys, *argv) -> str:
+    code, out, err = _cli(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.endswith("\n") and err.count("\n") == 1, err  # one line, no traceback
+    assert err.startswith(f"{PROG}: error: ")
+    return err
+
+
+def test_missing_model_path_is_one_line(tmp_path, capsys):
+    err = _one_line_error(capsys, tmp_path / "no-such-model")
+    assert f"no directory '{tmp_path / 'no-such-model'}'" in err
+
+
+def test_offline_hub_id_is_one_line(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    err = _one_line_error(capsys, "someone/tiny-llama")
+    assert "'someone/tiny-llama'" in err and "offline" in err and "config.json" in err
+
+
+def test_bad_adapter_directories_are_one_line(hf_llama, hf_t5, tmp_path, capsys):
+    base, _ = hf_llama
+    err = _one_line_error(capsys, base, "--adapter", tmp_path)  # neither format
+    assert "is not an adapter: expected a PEFT adapter directory" in err
+    assert "slim_jax checkpoint directory" in err
+    t5_lora = peft.get_peft_model(transformers.T5ForConditionalGeneration.from_pretrained(hf_t5),
+                                  peft.LoraConfig(r=2, target_modules=["q", "v"]))
+    t5_lora.save_pretrained(tmp_path / "t5_adapter")
+    capsys.readouterr()  # transformers' progress bars
+    err = _one_line_error(capsys, base, "--adapter", tmp_path / "t5_adapter")  # another model
+    assert "target_modules ['q', 'v'] match no linear layer of this Llama" in err
+    assert f"(the adapter was trained on '{hf_t5}'" in err
+
+
+def test_usage_errors_are_one_line(hf_llama, capsys):
+    base, _ = hf_llama
+    err = _one_line_error(capsys, base, "--dtype", "float16")
+    assert "invalid choice: 'float16'" in err
+    err = _one_line_error(capsys, base, "--max-new-tokens", "0")
+    assert "max_new_tokens must be >= 1" in err
