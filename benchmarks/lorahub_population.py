@@ -28,14 +28,18 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from slim_jax.data import ByteTokenizer, EncoderDecoderLayout, load_bbh
 from slim_jax.data.layout import TokenizedExample

@@ -64,6 +64,7 @@ from slim_jax.models.llama import Llama
 from slim_jax.models.llama2c import load_llama2c
 from slim_jax.models.peft_io import save_peft
 from slim_jax.nn import inject
+from slim_jax.parallel import initialize_distributed, make_mesh, shard_module
 from slim_jax.settings import DATA_DIR_ENV
 from slim_jax.settings import data_dir as resolve_data_dir
 from slim_jax.tokenizer import HFTokenizer, Tokenizer
@@ -230,6 +231,11 @@ class Context:
     base: dict[str, Any]
     devices: list[jax.Device]
 
+    @property
+    def leader(self) -> bool:
+        """Process 0 writes the run folder's files (checkpoints are written by all)."""
+        return jax.process_index() == 0
+
 
 def evaluate_downstream(config: SlimExperiment, tokenizer: Tokenizer, task: DownstreamTask,
                         model: nnx.Module) -> DownstreamResult:
@@ -271,7 +277,8 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
         config.train, steps=steps, run_dir=str(run_dir),
         l1_coeff=config.train.l1_coeff if method.l1 else 0.0)
     batches = BatchIterator(ctx.train_data, ctx.layout, global_batch_size=config.data.batch_size,
-                            seed=seed, pack=config.data.pack)
+                            seed=seed, pack=config.data.pack, process_index=jax.process_index(),
+                            process_count=jax.process_count())
     start = time.perf_counter()
     trainer = Trainer(model, train_config, devices=ctx.devices)
     result: TrainResult = trainer.fit(batches)
@@ -285,29 +292,31 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
     downstream = evaluate_downstream(config, ctx.tokenizer, ctx.task, trained)
     general = ctx.capability.measure(trained)
     eval_seconds = time.perf_counter() - start
-    write_predictions(run_dir / "predictions.jsonl", ctx.task, downstream)
-    if method_name == "lora":
-        save_peft(trainer.model(), run_dir / "peft", base_model_name_or_path=config.model.path)
+    if ctx.leader:
+        write_predictions(run_dir / "predictions.jsonl", ctx.task, downstream)
+        if method_name == "lora":
+            save_peft(trainer.model(), run_dir / "peft", base_model_name_or_path=config.model.path)
 
     headline = ctx.capability.headline
     drops = forgetting_by_measure(ctx.capability, ctx.base["general"], general)
-    losses = [h["loss"] for h in result.history]
-    tail = losses[-max(1, len(losses) // 10):]
+    ces = [h["ce"] for h in result.history]
+    tail = ces[-max(1, len(ces) // 10):]
     record = {
         "method": method_name, "seed": seed, "steps": result.step, "stopped": result.stopped,
         "adapter": {"type": type(method.adapter).__name__,
                     **dataclasses.asdict(method.adapter)},
         "l1_coeff": train_config.l1_coeff,
         "trainable_params": count_params(trainer.state.params),
-        "final_loss": sum(tail) / len(tail),
+        "final_ce": sum(tail) / len(tail),
         "downstream": downstream.accuracy, "general": general, "general_score": general[headline],
         "forgetting": drops[headline], "forgetting_by_measure": drops,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "checkpoint": str(run_dir / "checkpoints"),
     }
-    _write_json(run_dir / "result.json", record)
-    print(f"[{method_name} seed {seed}] {result.step} steps in {train_seconds:.1f}s (final loss "
-          f"{record['final_loss']:.3f}); downstream {100 * downstream.accuracy:.1f}%, "
+    if ctx.leader:
+        _write_json(run_dir / "result.json", record)
+    print(f"[{method_name} seed {seed}] {result.step} steps in {train_seconds:.1f}s (final "
+          f"cross-entropy {record['final_ce']:.3f}); downstream {100 * downstream.accuracy:.1f}%, "
           f"{headline} {general[headline]:.4f} (forgetting {drops[headline]:+.4f}); "
           f"eval {eval_seconds:.1f}s", flush=True)
     return record
@@ -333,31 +342,35 @@ def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
         raise ConfigError("no seed given: pass --seeds, e.g. --seeds 0,1,2")
     folder = resolve_inputs(config)
     out = Path(config.out).expanduser().resolve()
-    if (out / "results.json").exists():
+    if (out / "results.json").exists() or (out / "runs").exists():
         raise ConfigError(f"{out} already holds results; choose a new --out")
     enable_compilation_cache(config.compilation_cache)
     devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
     clock = time.perf_counter()
 
     base_model, tokenizer = load_model(config, folder)
+    shard_module(base_model, make_mesh(config.train.mesh, devices), config.train.rules)
     task = build_task(config, folder)
     layout = CausalLayout(tokenizer, lengths=(config.data.seq_len,))
     train_data = tokenize_examples(task.train, layout, task.template)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(command + "\n")
-    _write_json(out / "config.json", dataclasses.asdict(config))
+    leader = jax.process_index() == 0
+    if leader:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "command.txt").write_text(command + "\n")
+        _write_json(out / "config.json", dataclasses.asdict(config))
     print(f"task {task.name}: {len(task.train)} training / {len(task.test)} test examples "
           f"(majority answer {100 * task.majority_accuracy():.1f}%); methods "
           f"{', '.join(config.methods)}; seeds {', '.join(map(str, config.seeds))}", flush=True)
 
     base = eval_view(base_model)
     capability = build_capability(config, base, tokenizer, folder)
-    if isinstance(capability, StoryCapability):
+    if leader and isinstance(capability, StoryCapability):
         _write_json(out / "stories.json", {"stories": capability.stories,
                                            "texts": [tokenizer.decode(s)
                                                      for s in capability.stories]})
     downstream = evaluate_downstream(config, tokenizer, task, base)
-    write_predictions(out / "base" / "predictions.jsonl", task, downstream)
+    if leader:
+        write_predictions(out / "base" / "predictions.jsonl", task, downstream)
     base_record = {"downstream": downstream.accuracy, "general": capability.measure(base),
                    "majority": task.majority_accuracy()}
     base_record["general_score"] = base_record["general"][capability.headline]
@@ -373,7 +386,8 @@ def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
         for method in config.methods:
             for seed in config.seeds:
                 runs.append(run_method(ctx, method, seed))
-                results = _write_results(ctx, runs, time.perf_counter() - clock)
+                if ctx.leader:
+                    results = _write_results(ctx, runs, time.perf_counter() - clock)
     except Preempted as stop:
         print(f"{stop}; results of the {len(runs)} finished runs are in {out}", flush=True)
         return {**results, "stopped": "preempted"}
@@ -415,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_cli(args)
+        initialize_distributed()  # joins the job when a launcher started several processes
         results = run_experiment(config, shlex.join([*PROG.split(), *args]))
     except SlimJaxError as err:
         message = " ".join(str(err).split())

@@ -33,7 +33,7 @@ def summarize(runs: Sequence[Record], methods: Sequence[str]) -> list[dict[str, 
             continue
         row: dict[str, Any] = {"method": method, "seeds": [r["seed"] for r in mine]}
         for key in ("downstream", "general_score", "forgetting", "trainable_params",
-                    "train_seconds", "final_loss"):
+                    "train_seconds", "eval_seconds", "final_ce"):
             if all(key in r for r in mine):
                 row[key] = mean_std([float(r[key]) for r in mine])
         row["general"] = {name: mean_std([float(r["general"][name]) for r in mine])

@@ -4,9 +4,10 @@ MODEL is a Hugging Face model directory or hub id (Llama family, T5 / FLAN-T5), 
 checkpoint file (its `tokenizer.bin` beside it unless `--tokenizer` names another). A relative
 path that does not exist as given is looked up in the data folder (`--data-dir` or
 `$SLIM_JAX_DATA_DIR`), so `tinystories260k/checkpoint_v1.bin` works from anywhere. `--adapter` is
-a PEFT adapter directory or a slim_jax checkpoint (a training run's `checkpoints/` folder, one of
-its step folders, or the run folder). An empty prompt starts from BOS (T5: from an empty input).
-Decoding is greedy unless `--temperature` is above 0 (then `--top-p` and `--seed` apply).
+a PEFT adapter directory (or its hub id) or a slim_jax checkpoint (a training run's `checkpoints/`
+folder, one of its step folders, or the run folder). An empty prompt starts from BOS (T5: from an
+empty input). Decoding is greedy unless `--temperature` is above 0 (then `--top-p` and `--seed`
+apply).
 
 Only the generated text goes to stdout; warnings go to stderr. Bad input (a missing path, a hub
 id that cannot be fetched offline, an adapter that does not fit) prints one line on stderr saying
@@ -15,6 +16,8 @@ what to fix and exits with status 2.
 Examples:
     python -m slim_jax.generate tinystories260k/checkpoint_v1.bin --max-new-tokens 200
     python -m slim_jax.generate google/flan-t5-large --prompt "Translate to German: Hello"
+    python -m slim_jax.generate google/flan-t5-large --adapter lorahub/flan_t5_large-wiqa \\
+        --prompt "Process: ... Question: ..."
     python -m slim_jax.generate /models/llama --adapter runs/lora/seed0/peft --prompt "Q: 2+2?"
     python -m slim_jax.generate /models/llama --adapter runs/slim/seed0/checkpoints \\
         --temperature 0.8 --top-p 0.95 --seed 3 --dtype bfloat16
@@ -22,11 +25,15 @@ Examples:
 
 from __future__ import annotations
 
+# jax, flax and the models are imported inside `run`, so --help and usage errors answer at once.
 import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 PROG = "python -m slim_jax.generate"
 DTYPES = ("float32", "bfloat16")
@@ -47,14 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     ('model_dir', '', 0.7, 64)
     """
     parser = _OneLineParser(
-        prog=PROG, description="Generate text with a slim_jax model and an optional adapter; "
-        "prints only the generated text.")
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate text with a slim_jax model and an optional adapter; prints only "
+        "the generated text.",
+        epilog=__doc__[__doc__.index("Examples:"):] if __doc__ else None)  # None under -OO
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory or hub id, "
                         "or a llama2.c checkpoint file (.bin)")
     parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer to use instead of the "
                         "model's (llama2.c: default tokenizer.bin beside the checkpoint)")
-    parser.add_argument("--adapter", metavar="PATH", help="PEFT adapter directory or slim_jax "
-                        "checkpoint directory")
+    parser.add_argument("--adapter", metavar="PATH", help="PEFT adapter directory (or its hub "
+                        "id) or slim_jax checkpoint directory")
     parser.add_argument("--prompt", default="", metavar="TEXT",
                         help="text to continue (default: empty, start from BOS)")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
@@ -127,19 +136,19 @@ def run(args: argparse.Namespace) -> str:
     return generation.texts[0]
 
 
-def _attach(model: Any, adapter: str, args: argparse.Namespace) -> None:
+def _attach(model: nnx.Module, adapter: str, args: argparse.Namespace) -> None:
     """Attach the adapter; a PEFT adapter recorded for another base model is worth a warning
     when it loads, and a hint in the error when it does not."""
     from slim_jax.errors import SlimJaxError
     from slim_jax.models.adapter_io import attach_adapter, find_adapter
     from slim_jax.models.peft_io import read_peft_config, same_base_model
 
-    source = find_adapter(adapter)
+    source = find_adapter(adapter, allow_pickle=args.allow_pickle)
     recorded = (read_peft_config(source.directory).base_model_name_or_path
                 if source.format == "peft" else None)
     other_base = bool(recorded) and not same_base_model(recorded, args.model)
     try:
-        attach_adapter(model, adapter, allow_pickle=args.allow_pickle)
+        attach_adapter(model, source, allow_pickle=args.allow_pickle)
     except SlimJaxError as err:
         if other_base:
             raise type(err)(f"{err} (the adapter was trained on {recorded!r}, not "

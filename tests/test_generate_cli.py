@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -64,6 +65,7 @@ def hf_llama(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random Llama (GQA) with a word tokenizer, and a peft LoRA adapter trained on it."""
     root = tmp_path_factory.mktemp("cli_llama")
     base, adapter = root / "base", root / "adapter"
+    torch.manual_seed(0)  # transformers and peft initialise from torch's global generator
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
@@ -84,10 +86,12 @@ def hf_llama(tmp_path_factory) -> tuple[Path, Path]:
 def hf_t5(tmp_path_factory) -> Path:
     """A tiny random T5 v1.1 (gated-GELU, untied head) with a word tokenizer."""
     folder = tmp_path_factory.mktemp("cli_t5")
+    torch.manual_seed(0)
     config = transformers.T5Config(
         vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=2,
         num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
     model = transformers.T5ForConditionalGeneration(config)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 16))  # varied answers
     _randomise(model, 0, 0.3)
     _never_eos(model, config.eos_token_id)
     model.save_pretrained(folder)
@@ -140,11 +144,12 @@ def test_hf_llama_with_a_peft_adapter_matches_the_library(hf_llama, capsys):
     assert (code, err) == (0, "")  # the adapter records this base: no warning
     tokenizer = HFTokenizer(base)
     model = Llama.from_pretrained(base)
-    plain = generate(model, [PROMPT], tokenizer=tokenizer, max_new_tokens=12).texts[0]
+    plain = generate(model, [PROMPT], tokenizer=tokenizer, max_new_tokens=12)
     load_peft(model, adapter)
-    adapted = generate(model, [PROMPT], tokenizer=tokenizer, max_new_tokens=12).texts[0]
-    assert len(adapted.split()) == 12 and adapted != plain  # the comparison below means it
-    assert out == adapted + "\n"
+    adapted = generate(model, [PROMPT], tokenizer=tokenizer, max_new_tokens=12)
+    assert len(adapted.tokens[0]) == 12  # never EOS: the whole length is compared
+    assert adapted.texts != plain.texts  # the adapter shows in the text
+    assert out == adapted.texts[0] + "\n"
 
 
 def test_slim_jax_checkpoint_adapter_matches_the_library(hf_llama, tmp_path, capsys):
@@ -154,34 +159,35 @@ def test_slim_jax_checkpoint_adapter_matches_the_library(hf_llama, tmp_path, cap
                                                      top_k=2, rank=2, num_clusters=2),
            rngs=nnx.Rngs(1))
     inject(model, r"q_proj$", LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(2))
-    for i, (path, layer) in enumerate(adapted_layers(model).items()):
-        key = jax.random.key(i)
+    rng = np.random.default_rng(0)
+    normal = lambda var: jnp.asarray(rng.normal(size=var.shape), jnp.float32)
+    for path, layer in adapted_layers(model).items():
         if path.endswith("q_proj"):
-            layer.lora_b.set_value(jax.random.normal(key, layer.lora_b.shape))
+            layer.lora_b.set_value(normal(layer.lora_b))
         else:  # trained-looking experts and cluster statistics
-            layer.experts_b.set_value(jax.random.normal(key, layer.experts_b.shape))
-            layer.cluster_mean.set_value(jax.random.normal(key, layer.cluster_mean.shape))
-            layer.cluster_var.set_value(np.full(layer.cluster_var.shape, 0.5, np.float32))
-            layer.cluster_count.set_value(np.int32(9))
+            layer.experts_b.set_value(normal(layer.experts_b))
+            layer.cluster_mean.set_value(normal(layer.cluster_mean))
+            layer.cluster_var.set_value(jnp.full(layer.cluster_var.shape, 0.5))
+            layer.cluster_count.set_value(jnp.int32(9))
     save_adapter_checkpoint(model, tmp_path / "checkpoints", step=5)
     tokenizer = HFTokenizer(base)
     plain = generate(Llama.from_pretrained(base), [PROMPT], tokenizer=tokenizer,
-                     max_new_tokens=12).texts[0]
-    expected = generate(eval_view(model), [PROMPT], tokenizer=tokenizer,
-                        max_new_tokens=12).texts[0]
-    assert len(expected.split()) == 12 and expected != plain
+                     max_new_tokens=12)
+    expected = generate(eval_view(model), [PROMPT], tokenizer=tokenizer, max_new_tokens=12)
+    assert len(expected.tokens[0]) == 12 and expected.texts != plain.texts
     code, out, err = _cli(capsys, base, "--adapter", tmp_path / "checkpoints" / "5", "--prompt",
                           PROMPT, "--max-new-tokens", "12")
     assert (code, err) == (0, "")
-    assert out == expected + "\n"
+    assert out == expected.texts[0] + "\n"
 
 
 def test_t5_answers_like_the_library(hf_t5, capsys):
     code, out, err = _cli(capsys, hf_t5, "--prompt", PROMPT, "--max-new-tokens", "10")
     assert (code, err) == (0, "")
     expected = t5_generate.generate(T5.from_pretrained(hf_t5), [PROMPT],
-                                    tokenizer=HFTokenizer(hf_t5), max_new_tokens=10).texts[0]
-    assert len(expected.split()) == 10 and out == expected + "\n"
+                                    tokenizer=HFTokenizer(hf_t5), max_new_tokens=10)
+    assert len(expected.tokens[0]) == 10 and out == expected.texts[0] + "\n"
+    assert _cli(capsys, hf_t5, "--max-new-tokens", "10")[1] != out  # the input matters
 
 
 # ----------------------------------------------------------------------------------- bad input

@@ -53,28 +53,29 @@ def objective_layout(model: nnx.Module, tokenizer: Tokenizer,
 
     Encoder-decoder: inputs and targets each at most `max_length` (the reference's 2048).
     Decoder-only: prompt + target at most `min(max_length, max_position_embeddings)` positions
-    (the prompt loses its start first). Row lengths are powers of two from 32, so tasks of similar
-    lengths share one compiled objective.
+    (the prompt loses its start first). Row lengths are 32, 48, 64, 96, 128, 192, ... (powers of
+    two and 1.5x them: at most a third of a row is padding), so tasks of similar lengths share one
+    compiled objective.
 
     >>> from slim_jax.data import ByteTokenizer
     >>> from slim_jax.models.llama import Llama, LlamaConfig
     >>> cfg = LlamaConfig(vocab_size=300, hidden_size=8, intermediate_size=8, num_layers=1,
     ...                   num_heads=2, num_kv_heads=1, max_position_embeddings=128)
     >>> objective_layout(Llama(cfg, rngs=nnx.Rngs(0)), ByteTokenizer()).lengths
-    ((32, 64, 128),)
+    ((32, 48, 64, 96, 128),)
     """
     if max_length < 2:
         raise ConfigError(f"max_length must be >= 2 tokens, got {max_length}")
     if is_encoder_decoder(model):
-        lengths = _power_lengths(max_length)
+        lengths = _bucket_lengths(max_length)
         return EncoderDecoderLayout(tokenizer, enc_lengths=lengths, dec_lengths=lengths)
     limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
-    return CausalLayout(tokenizer, lengths=_power_lengths(limit))
+    return CausalLayout(tokenizer, lengths=_bucket_lengths(limit))
 
 
-def _power_lengths(limit: int) -> tuple[int, ...]:
-    lengths = [n for n in (2 ** k for k in range(5, 32)) if n < limit]
-    return (*lengths, limit)
+def _bucket_lengths(limit: int) -> tuple[int, ...]:
+    steps = sorted({base << k for base in (32, 48) for k in range(32)})
+    return (*(n for n in steps if n < limit), limit)
 
 
 @jax.tree_util.register_dataclass

@@ -42,6 +42,7 @@ from slim_jax.tokenizer import Tokenizer
 
 BASELINES = ("zero_shot", "icl")
 RUN_BASELINES = ("uniform", "best_single")
+SHOWN = 3  # test answers kept per method, for reading
 
 
 def module_draws(names: Sequence[str], runs: int = 5, per_run: int = 20) -> list[list[str]]:
@@ -155,6 +156,7 @@ class RunResult:
       histories: each search's best-so-far objective after every evaluation.
       seconds: each search's wall time.
       best_single: the name of the best single module.
+      answers: each method's first few test answers, for reading what the model says.
     """
 
     run: int
@@ -165,6 +167,7 @@ class RunResult:
     histories: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     best_single: str | None = None
+    answers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -176,7 +179,8 @@ class TaskResult:
       num_adapt, num_test: examples used for the objective and for scoring.
       baselines: exact match x 100 of "zero_shot" and "icl".
       runs: one `RunResult` per module draw.
-      examples: a few (prompt, target, zero-shot answer) triples, for reading what models say.
+      examples: a few (prompt, target, zero-shot and in-context answer) records, for reading
+        what the models say.
     """
 
     task: str
@@ -233,16 +237,18 @@ def run_bbh_task(
     zero_shot_prompts = [task.prompt(e.input) for e in test]
 
     baselines: dict[str, float] = {}
-    base_answers: list[str] = []
+    shown: list[dict[str, str]] = [{"prompt": p, "target": t}
+                                   for p, t in zip(zero_shot_prompts[:SHOWN], targets[:SHOWN],
+                                                   strict=False)]
     if "zero_shot" in config.baselines:
-        base_answers = greedy_answers(model, tokenizer, zero_shot_prompts,
-                                      max_new_tokens=config.max_new_tokens,
-                                      batch_size=config.generation_batch_size,
-                                      max_length=config.max_length)
-        baselines["zero_shot"] = exact_match_score(base_answers, targets)
+        baselines["zero_shot"], said = answer(model, zero_shot_prompts)
+        for record, text in zip(shown, said, strict=False):
+            record["zero_shot"] = text
         note("zero-shot")
     if "icl" in config.baselines:
-        baselines["icl"] = answer(model, [task.icl_prompt(adapt, e.input) for e in test])
+        baselines["icl"], said = answer(model, [task.icl_prompt(adapt, e.input) for e in test])
+        for record, text in zip(shown, said, strict=False):
+            record["icl"] = text
         note("in-context")
 
     layout = objective_layout(model, tokenizer, config.max_length)
@@ -282,13 +288,10 @@ def run_bbh_task(
             result.histories[method] = found.history.tolist()
             result.seconds[method] = found.seconds
         for name, w in candidates.items():
-            result.scores[name] = answer(_merged(attached, w), zero_shot_prompts)
+            result.scores[name], said = answer(_merged(attached, w), zero_shot_prompts)
+            result.answers[name] = said[:SHOWN]
             note(f"run {run} {name}")
         runs.append(result)
-
-    shown = [{"prompt": p, "target": t, "zero_shot": a}
-             for p, t, a in zip(zero_shot_prompts[:3], targets[:3], base_answers[:3],
-                                strict=False)]
     return TaskResult(task.name, len(adapt), len(test), baselines, runs, shown)
 
 
@@ -297,13 +300,15 @@ def _merged(attached: AttachedLibrary, weights: np.ndarray) -> nnx.Module:
 
 
 def _answerer(tokenizer: Tokenizer, config: ProtocolConfig, targets: list[str]
-              ) -> Callable[[nnx.Module, list[str]], float]:
-    def answer(model: nnx.Module, prompts: list[str]) -> float:
+              ) -> Callable[[nnx.Module, list[str]], tuple[float, list[str]]]:
+    """`answer(model, prompts) -> (exact match x 100, the answers)`."""
+
+    def answer(model: nnx.Module, prompts: list[str]) -> tuple[float, list[str]]:
         predictions = greedy_answers(model, tokenizer, prompts,
                                      max_new_tokens=config.max_new_tokens,
                                      batch_size=config.generation_batch_size,
                                      max_length=config.max_length)
-        return exact_match_score(predictions, targets)
+        return exact_match_score(predictions, targets), predictions
 
     return answer
 

@@ -45,7 +45,7 @@ from flax import nnx
 
 from slim_jax.checkpoint import META, Checkpointer, plain
 from slim_jax.errors import CheckpointError, ConfigError
-from slim_jax.models import peft_io
+from slim_jax.models import hf, peft_io
 from slim_jax.nn import LoRAConfig, LoRALinear, SlimConfig, adapted_layers, inject, module_path
 
 ADAPTER_SPEC_KEY = "adapter_spec"
@@ -57,9 +57,12 @@ CHECKPOINTS_FOLDER = "checkpoints"
 
 _KINDS: dict[str, type[LoRAConfig] | type[SlimConfig]] = {"lora": LoRAConfig, "slim": SlimConfig}
 _EXPECTED = ("a PEFT adapter directory (holding adapter_config.json and "
-             "adapter_model.safetensors) or a slim_jax checkpoint directory (a Checkpointer "
-             "folder of step folders such as <run_dir>/checkpoints, one of its step folders, or "
-             "the run_dir holding it)")
+             "adapter_model.safetensors) or its hub id, or a slim_jax checkpoint directory (a "
+             "Checkpointer folder of step folders such as <run_dir>/checkpoints, one of its step "
+             "folders, or the run_dir holding it)")
+
+# A hub adapter id: exactly `owner/name` (a local path of that form wins when it exists).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 PathLike = str | os.PathLike[str]
 AdapterSpec = list[dict[str, Any]]
@@ -89,16 +92,18 @@ def _has_steps(path: Path) -> bool:
     return any(_is_step_folder(child) for child in path.iterdir() if child.is_dir())
 
 
-def find_adapter(path: PathLike) -> AdapterSource:
+def find_adapter(path: PathLike, *, allow_pickle: bool = False) -> AdapterSource:
     """Detect the format of the adapter at `path`.
 
     Accepted: a PEFT directory (`adapter_config.json`); a `Checkpointer` folder (step folders
     inside: the latest step is read); one step folder of it (that step); a training run folder
-    holding `checkpoints/`.
+    holding `checkpoints/`; a hub id `owner/name` of a PEFT adapter that is not a local path
+    (fetched, or read from the Hugging Face cache when offline; `.bin` weights only with
+    `allow_pickle`).
 
     Raises:
-      CheckpointError: the path does not exist, is a file, or is a directory of neither format
-        (naming what it holds and what would be accepted).
+      CheckpointError: the path does not exist (and is no reachable hub adapter), is a file, or
+        is a directory of neither format (naming what it holds and what would be accepted).
 
     >>> import tempfile
     >>> folder = Path(tempfile.mkdtemp())
@@ -106,9 +111,13 @@ def find_adapter(path: PathLike) -> AdapterSource:
     >>> find_adapter(folder).format
     'peft'
     """
-    path = Path(path).expanduser()
+    raw, path = str(path), Path(path).expanduser()
+    if not path.exists() and _HUB_ID.match(raw):
+        patterns = ("*.json", "*.safetensors", *(("*.bin",) if allow_pickle else ()))
+        return AdapterSource("peft", hf.resolve_model_dir(raw, required=(peft_io.CONFIG_FILE,),
+                                                          allow_patterns=patterns))
     if not path.exists():
-        raise CheckpointError(f"adapter {str(path)!r} does not exist; expected {_EXPECTED}")
+        raise CheckpointError(f"adapter {raw!r} does not exist; expected {_EXPECTED}")
     if not path.is_dir():
         raise CheckpointError(f"adapter {str(path)!r} is a file; expected {_EXPECTED}")
     if (path / peft_io.CONFIG_FILE).is_file():
@@ -127,7 +136,7 @@ def find_adapter(path: PathLike) -> AdapterSource:
 
 def attach_adapter(
     model: nnx.Module,
-    path: PathLike,
+    path: PathLike | AdapterSource,
     *,
     allow_pickle: bool = False,
     base_model_name_or_path: str | None = None,
@@ -136,7 +145,8 @@ def attach_adapter(
 
     Args:
       model: the base model, in place (a `Llama` or `T5` for PEFT; any NNX model for slim_jax).
-      path: see `find_adapter`.
+      path: see `find_adapter` (a local directory, or a hub id of a PEFT adapter), or what
+        `find_adapter` returned.
       allow_pickle: accept a PEFT `adapter_model.bin` (a pickle can run code; off by default).
       base_model_name_or_path: PEFT only: refuse an adapter recorded for another base model.
 
@@ -146,7 +156,8 @@ def attach_adapter(
     Raises:
       CheckpointError: as `find_adapter`, `peft_io.load_peft` or `load_adapter_checkpoint`.
     """
-    source = find_adapter(path)
+    source = (path if isinstance(path, AdapterSource)
+              else find_adapter(path, allow_pickle=allow_pickle))
     if source.format == "peft":
         return peft_io.load_peft(model, source.directory, allow_pickle=allow_pickle,
                                  base_model_name_or_path=base_model_name_or_path)

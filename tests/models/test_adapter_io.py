@@ -94,6 +94,16 @@ def test_find_adapter_names_what_is_wrong(tmp_path):
         adapter_io.find_adapter(tmp_path)
 
 
+def test_hub_adapter_id_offline_is_named(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"'lorahub/flan_t5_large-wiqa'.*offline.*Missing "
+                                              r"files: adapter_config\.json"):
+        adapter_io.find_adapter("lorahub/flan_t5_large-wiqa")
+
+
 # ------------------------------------------------------------------------------ the adapter spec
 
 
