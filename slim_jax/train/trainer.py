@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from slim_jax.checkpoint import Checkpointer
+from slim_jax.models.adapter_io import ADAPTER_SPEC_KEY, adapter_spec
 from slim_jax.nn import adapter_l1
 from slim_jax.parallel import (
     check_global_batch,
@@ -96,6 +97,8 @@ class Trainer:
         self.config = config
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh, devices)
         self.info = process_info()
+        # Which layer carries which adapter, so a checkpoint can rebuild them (slim_jax.generate).
+        self.adapter_spec = adapter_spec(model)
         # Training mode: cluster statistics follow the data, dropout is on.
         train_view = nnx.view(model, deterministic=False, use_running_average=False,
                               raise_if_not_found=False)
@@ -167,7 +170,10 @@ class Trainer:
         """Start saving the current state and data position under the current step; False if
         that step is already saved."""
         position = None if data_position is None else dict(data_position)
-        return checkpointer.save(self._step, self.checkpoint_items(), {"data_position": position})
+        meta: dict[str, Any] = {"data_position": position}
+        if self.adapter_spec:
+            meta[ADAPTER_SPEC_KEY] = self.adapter_spec
+        return checkpointer.save(self._step, self.checkpoint_items(), meta)
 
     def restore(self, checkpointer: Checkpointer, step: int | None = None) -> dict[str, Any]:
         """Load a checkpoint (the newest when `step` is None) into this trainer's shardings,
