@@ -13,7 +13,10 @@ buffers, outputs) per P.
 
 Models:
   - default: the TinyStories model of the cpu preset (llama2.c stories260K, the data folder's
-    `tinystories260k`), K = 5 ADAPT examples of BBH `navigate` (real prompts);
+    `tinystories260k`), K = 5 ADAPT examples of BBH `navigate` (real prompts, ~200-270 tokens
+    each, rows of 384);
+  - default-short: the same with the ADAPT examples of `boolean_expressions` (~70 tokens, rows
+    of 96);
   - t5-large: a random model of google/flan-t5-large's shapes (24 + 24 blocks, d_model 1024,
     16 heads, d_ff 2816, vocab 32128; 144 adapted linears), K = 2 examples of 16 encoder and 4
     decoder tokens, so that it runs on a CPU.
@@ -89,15 +92,15 @@ def random_modules(model: nnx.Module, suffixes: tuple[str, ...], seed: int = 0
         for path, (d_in, d_out) in layers.items()}) for i in range(NUM_MODULES)]
 
 
-def default_objective() -> Objective:
-    """TinyStories + 20 modules on q_proj/v_proj + K=5 ADAPT examples of BBH navigate."""
+def default_objective(task_name: str = "navigate") -> Objective:
+    """TinyStories + 20 modules on q_proj/v_proj + the K=5 ADAPT examples of a BBH task."""
     from slim_jax.models.llama2c import load_llama2c
 
     folder = data_dir(required="tinystories260k") / "tinystories260k"
     model, tokenizer = load_llama2c(folder / "checkpoint_v1.bin")
     attached = ModuleLibrary.from_modules(
         random_modules(model, ("q_proj", "v_proj"))).attach(model)
-    task = load_bbh(["navigate"])["navigate"]
+    task = load_bbh([task_name])[task_name]
     adapt, _ = task.adapt_split()
     return build_objective(attached, task.as_examples(adapt),
                            objective_layout(model, tokenizer))
@@ -122,6 +125,7 @@ def t5_large_objective() -> Objective:
 
 OBJECTIVES: dict[str, Callable[[], Objective]] = {
     "default": default_objective,
+    "default-short": lambda: default_objective("boolean_expressions"),
     "t5-large": t5_large_objective,
 }
 
@@ -149,36 +153,38 @@ def _flops(compiled: Any) -> float | None:
 
 def measure(objective: Objective, populations: Sequence[int], repeats: int, peak: float
             ) -> list[dict[str, Any]]:
-    """One record per (P, mode): candidates/s, FLOP/s, share of peak, memory."""
+    """One record per (P, mode): candidates/s, FLOP/s, share of peak, memory.
+
+    FLOPs are XLA's cost analysis of the compiled program; for `sequential` (a loop inside the
+    program, which the analysis counts once) and `loop`, P times the single-candidate program's.
+    """
     value = jax.jit(lambda o, w: o(w))
+    single_flops: float | None = None
     rows = []
     for p in populations:
         weights = jax.random.uniform(jax.random.key(p), (p, objective.num_modules),
                                      minval=-1.5, maxval=1.5)
-        for mode in ("vmap", "sequential"):
-            compiled = _compiled(objective, weights, mode)
-            jax.block_until_ready(compiled(objective, weights))
-            seconds = best_time(lambda c=compiled, w=weights: c(objective, w), repeats)
-            flops = _flops(compiled)
+        single = value.lower(objective, weights[0]).compile()
+        single_flops = _flops(single)
+        for mode in ("vmap", "sequential", "loop"):
+            if mode == "loop":
+                compiled = single
+                jax.block_until_ready(value(objective, weights[0]))
+                seconds = best_time(lambda w=weights: [value(objective, x) for x in w], repeats)
+                flops = None if single_flops is None else single_flops * p
+            else:
+                compiled = _compiled(objective, weights, mode)
+                jax.block_until_ready(compiled(objective, weights))
+                seconds = best_time(lambda c=compiled, w=weights: c(objective, w), repeats)
+                flops = _flops(compiled) if mode == "vmap" else (
+                    None if single_flops is None else single_flops * p)
             rows.append({"P": p, "mode": mode, "seconds": seconds,
-                         "candidates_per_s": p / seconds,
-                         "flops": flops, "flop_per_s": None if flops is None else flops / seconds,
+                         "candidates_per_s": p / seconds, "flops": flops,
+                         "flop_per_s": None if flops is None else flops / seconds,
                          "peak_share": None if flops is None else flops / seconds / peak,
                          **_memory(compiled)})
-        jax.block_until_ready(value(objective, weights[0]))
-        seconds = best_time(lambda w=weights: [value(objective, x) for x in w], repeats)
-        single = _compiled_single(value, objective, weights[0])
-        flops = _flops(single)
-        rows.append({"P": p, "mode": "loop", "seconds": seconds, "candidates_per_s": p / seconds,
-                     "flops": None if flops is None else flops * p,
-                     "flop_per_s": None if flops is None else flops * p / seconds,
-                     "peak_share": None if flops is None else flops * p / seconds / peak,
-                     **_memory(single)})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def _compiled_single(value: Any, objective: Objective, w: jax.Array) -> Any:
-    return value.lower(objective, w).compile()
 
 
 def markdown(model: str, rows: list[dict[str, Any]], peak: float) -> str:
