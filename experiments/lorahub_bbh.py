@@ -143,7 +143,7 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
     p = config.protocol
     header = (f"# LoRAHub on BIG-Bench Hard ({config.preset})\n\n"
               f"Command: `{command}`\n\n"
-              f"Model: {config.model.kind} `{config.model.path}`; {p.runs} runs of "
+              f"Model: `{config.model.path}`; {p.runs} runs of "
               f"{p.modules_per_run} modules; K={p.k} ADAPT examples; budget {p.budget} "
               f"evaluations (CMA-ES population {p.population_size}); objective {p.objective_mode}"
               f", L1 {p.l1_coeff}; greedy decoding of up to {p.max_new_tokens} tokens. Exact "

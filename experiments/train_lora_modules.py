@@ -37,7 +37,7 @@ from experiments.presets.lorahub import PRESETS, ModelSpec, UpstreamExperiment, 
 from experiments.presets.lorahub import preset as get_preset
 from slim_jax.data import CausalLayout, EncoderDecoderLayout
 from slim_jax.data.layout import Layout
-from slim_jax.errors import CheckpointError, ConfigError, DataError, SlimJaxError
+from slim_jax.errors import DataError, SlimJaxError
 from slim_jax.lorahub.objective import is_encoder_decoder
 from slim_jax.lorahub.upstream import (
     UpstreamConfig,
@@ -46,15 +46,15 @@ from slim_jax.lorahub.upstream import (
     train_task_module,
     upstream_task_names,
 )
+from slim_jax.models import loading
 from slim_jax.nn import LoRAConfig
 from slim_jax.parallel import MeshConfig
 from slim_jax.settings import DATA_DIR_ENV
 from slim_jax.settings import data_dir as resolve_data_dir
-from slim_jax.tokenizer import HFTokenizer, Tokenizer
+from slim_jax.tokenizer import Tokenizer
 from slim_jax.train import OptimizerConfig, TrainConfig
 
 PROG = "python -m experiments.train_lora_modules"
-LLAMA2C_FILES = ("checkpoint_v1.bin", "tokenizer.bin")
 MANIFEST = "modules.json"
 
 
@@ -88,34 +88,23 @@ def enable_compilation_cache(folder: str | None) -> None:
 def load_model(spec: ModelSpec, data_dir: str | None) -> tuple[nnx.Module, Tokenizer, str]:
     """The base model, its tokenizer, and the name PEFT records as its base model.
 
+    A relative `spec.path` that does not exist as given is looked up in the data folder.
+
     Raises:
-      CheckpointError: a missing model folder or files (named).
-      ConfigError: an unknown model kind.
+      CheckpointError / ConfigError: from `slim_jax.models.loading.load_model` (missing files,
+        an unsupported architecture), naming the path.
     """
-    if spec.kind == "llama2c":
-        from slim_jax.models.llama2c import load_llama2c
-
-        path = Path(spec.path).expanduser()
-        folder = path if path.is_absolute() else resolve_data_dir(data_dir) / path
-        missing = [f for f in LLAMA2C_FILES if not (folder / f).is_file()]
-        if missing:
-            raise CheckpointError(f"model folder {folder} lacks {', '.join(missing)}: give "
-                                  "--model.path a llama2.c folder (checkpoint_v1.bin + "
-                                  "tokenizer.bin), absolute or relative to the data folder")
-        model, tokenizer = load_llama2c(folder / LLAMA2C_FILES[0], folder / LLAMA2C_FILES[1],
-                                        dtype=spec.dtype, param_dtype=spec.param_dtype)
-        return model, tokenizer, str(folder)
-    if spec.kind == "llama":
-        from slim_jax.models.llama import Llama
-
-        model = Llama.from_pretrained(spec.path, dtype=spec.dtype, param_dtype=spec.param_dtype)
-        return model, HFTokenizer(spec.path), spec.path
-    if spec.kind == "t5":
-        from slim_jax.models.t5 import T5
-
-        model = T5.from_pretrained(spec.path, dtype=spec.dtype, param_dtype=spec.param_dtype)
-        return model, HFTokenizer(spec.path), spec.path
-    raise ConfigError(f"model.kind must be 'llama2c', 'llama' or 't5', got {spec.kind!r}")
+    path = Path(spec.path).expanduser()
+    if not path.is_absolute() and not path.exists():
+        try:
+            in_data = resolve_data_dir(data_dir) / path
+        except DataError:
+            in_data = None
+        if in_data is not None and in_data.exists():
+            path = in_data
+    name = str(path) if path.exists() else spec.path  # else a hub id
+    model, tokenizer = loading.load_model(name, dtype=spec.dtype, param_dtype=spec.param_dtype)
+    return model, tokenizer, name
 
 
 def training_layout(model: nnx.Module, tokenizer: Tokenizer, max_length: int) -> Layout:

@@ -37,18 +37,17 @@ ALL = ("all",)
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The base model.
+    """The base model (`slim_jax.models.loading.load_model`).
 
     Attributes:
-      kind: "llama2c" (a folder with llama2.c's checkpoint_v1.bin and tokenizer.bin), "llama"
-        (a Hugging Face Llama-family checkpoint) or "t5" (a Hugging Face T5 / FLAN-T5).
-      path: the folder or hub id; a relative llama2c folder is looked up in the data folder.
+      path: a Hugging Face model folder or hub id (Llama family, T5 / FLAN-T5), or a llama2.c
+        checkpoint file (its tokenizer.bin beside it); a relative path that does not exist as
+        given is looked up in the data folder.
       dtype: compute dtype ("float32", "bfloat16").
       param_dtype: parameter dtype of the loaded base.
     """
 
-    kind: Literal["llama2c", "llama", "t5"] = "llama2c"
-    path: str = "tinystories260k"
+    path: str = "tinystories260k/checkpoint_v1.bin"
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -192,7 +191,7 @@ class UpstreamExperiment:
 
 
 FLAN_T5_LARGE = "google/flan-t5-large"
-_T5_MODEL = ModelSpec(kind="t5", path=FLAN_T5_LARGE)
+_T5_MODEL = ModelSpec(path=FLAN_T5_LARGE)
 # LoRAHub's upstream training: lr 2e-4, batch 10, 20 epochs of at most 10k examples, inputs up
 # to 1024 tokens, r=16, alpha=32, dropout 0.1, on q and v (the T0 files hold ~200 examples).
 _T5_UPSTREAM = UpstreamSpec(num_modules=None, targets=r"(q|v)$", steps=400, batch_size=10,

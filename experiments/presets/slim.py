@@ -120,7 +120,7 @@ class EvalSpec:
     """
 
     mode: Literal["generate", "likelihood"] = "generate"
-    max_new_tokens: int = 8
+    max_new_tokens: int = 16
     benchmark_max_new_tokens: int = 256
     max_length: int = 256
     batch_size: int = 32
@@ -189,9 +189,9 @@ CPU = SlimExperiment(
     slim=SlimConfig(num_lora_experts=4, num_identity_experts=2, top_k=2, rank=4, alpha=8,
                     num_clusters=4, dropmerge_p=0.3),
     train=TrainConfig(
-        steps=120, l1_coeff=1e-3, log_every=5, save_every=0, keep_checkpoints=1,
+        steps=200, l1_coeff=1e-3, log_every=5, save_every=0, keep_checkpoints=1,
         async_checkpoint=False, progress=False, mesh=MeshConfig(data=-1),
-        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=10, final_lr_ratio=0.1),
+        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20, final_lr_ratio=0.1),
     ),
 )
 

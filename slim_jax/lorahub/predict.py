@@ -79,10 +79,9 @@ def greedy_answers(
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} "
                           f"and {batch_size}")
-    if is_encoder_decoder(model):
-        from slim_jax.models.t5_generate import generate
-    else:
-        from slim_jax.models.generate import generate
+    from slim_jax.models.loading import generator_for
+
+    generate = generator_for(model)
     rows = [prompt_ids(model, tokenizer, p, max_new_tokens=max_new_tokens, max_length=max_length)
             for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))

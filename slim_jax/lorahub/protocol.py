@@ -33,6 +33,7 @@ from slim_jax.lorahub.objective import (
     LOSS_MODES,
     MAX_LENGTH,
     LossMode,
+    Objective,
     build_objective,
     objective_layout,
 )
@@ -252,47 +253,52 @@ def run_bbh_task(
         note("in-context")
 
     layout = objective_layout(model, tokenizer, config.max_length)
+    examples = task.as_examples(adapt)
     runs = []
     for run, names in enumerate(draws, start=1):
         missing = [n for n in names if n not in modules]
         if missing:
             raise ConfigError(f"run {run} draws modules that were not loaded: {missing[:5]}")
         attached = ModuleLibrary.from_modules([modules[n] for n in names]).attach(model)
-        objective = build_objective(attached, task.as_examples(adapt), layout,
-                                    batch_size=config.batch_size, mode=config.objective_mode,
-                                    l1_coeff=config.l1_coeff)
+        objective = build_objective(attached, examples, layout, batch_size=config.batch_size,
+                                    mode=config.objective_mode, l1_coeff=config.l1_coeff)
         result = RunResult(run, list(names))
-        n = attached.num_modules
-        candidates: dict[str, np.ndarray] = {}
-        if "uniform" in config.baselines:
-            candidates["uniform"] = np.full(n, 1.0 / n, np.float32)
-        if "best_single" in config.baselines or candidates:
-            # One vmapped pass scores every single module and the uniform average.
-            grid = np.concatenate([np.eye(n, dtype=np.float32),
-                                   np.full((1, n), 1.0 / n, np.float32)])
-            values = np.asarray(score_candidates(objective, jnp.asarray(grid)))
-            if "uniform" in candidates:
-                result.objectives["uniform"] = float(values[n])
-                result.weights["uniform"] = grid[n].tolist()
-            if "best_single" in config.baselines:
-                best = int(np.argmin(values[:n]))
-                candidates["best_single"] = grid[best]
-                result.best_single = names[best]
-                result.objectives["best_single"] = float(values[best])
-                result.weights["best_single"] = grid[best].tolist()
-        for method in config.methods:
-            found = search(objective, method, **config.search_options(method, run))
-            candidates[method] = found.weights
-            result.objectives[method] = found.objective
-            result.weights[method] = np.asarray(found.weights).tolist()
-            result.histories[method] = found.history.tolist()
-            result.seconds[method] = found.seconds
+        candidates = _search_weights(objective, result, config)
         for name, w in candidates.items():
             result.scores[name], said = answer(_merged(attached, w), zero_shot_prompts)
             result.answers[name] = said[:SHOWN]
             note(f"run {run} {name}")
         runs.append(result)
     return TaskResult(task.name, len(adapt), len(test), baselines, runs, shown)
+
+
+def _search_weights(objective: Objective, result: RunResult, config: ProtocolConfig
+                    ) -> dict[str, np.ndarray]:
+    """The weights of every per-run method (baselines, then searches), recording objectives,
+    weights and histories in `result`."""
+    n = objective.num_modules
+    candidates: dict[str, np.ndarray] = {}
+    if any(b in config.baselines for b in RUN_BASELINES):
+        # One vmapped pass scores every single module and the uniform average.
+        grid = np.concatenate([np.eye(n, dtype=np.float32),
+                               np.full((1, n), 1.0 / n, np.float32)])
+        values = np.asarray(score_candidates(objective, jnp.asarray(grid)))
+        chosen = {"uniform": n, "best_single": int(np.argmin(values[:n]))}
+        for name in RUN_BASELINES:
+            if name in config.baselines:
+                candidates[name] = grid[chosen[name]]
+                result.objectives[name] = float(values[chosen[name]])
+                result.weights[name] = grid[chosen[name]].tolist()
+        if "best_single" in config.baselines:
+            result.best_single = result.modules[chosen["best_single"]]
+    for method in config.methods:
+        found = search(objective, method, **config.search_options(method, result.run))
+        candidates[method] = found.weights
+        result.objectives[method] = found.objective
+        result.weights[method] = np.asarray(found.weights).tolist()
+        result.histories[method] = found.history.tolist()
+        result.seconds[method] = found.seconds
+    return candidates
 
 
 def _merged(attached: AttachedLibrary, weights: np.ndarray) -> nnx.Module:

@@ -20,7 +20,9 @@ TASKS = ("qasc_qa_with_separated_facts_3", "wiki_hop_original_choose_best_object
 
 
 def run(main, capsys, *args: str) -> tuple[int, str]:
-    code = main(list(args))
+    """`main(args)` without JAX's persistent compilation cache (a process-wide setting that the
+    CLIs turn on by default): `(exit status, stderr)`."""
+    code = main([*args, "--compilation-cache", "none"])
     return code, capsys.readouterr().err
 
 
@@ -64,16 +66,16 @@ def test_modules_of_different_ranks_are_named(capsys, shared_data, tmp_path):
         save_peft(model, tmp_path / task, base_model_name_or_path=str(folder))
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--modules.dir",
                     str(tmp_path), "--protocol.modules-per-run", "2", "--protocol.runs", "1",
-                    "--progress", "false", "--compilation-cache", "none")
+                    "--progress", "false")
     assert code == 2 and err.count("\n") == 1
     assert "has rank 4" in err and "has rank 2: all modules must have the same rank" in err
 
 
 def test_train_lora_modules_writes_peft_modules(capsys, shared_data, tmp_path):
     out = tmp_path / "modules"
-    args = ["--data-dir", str(shared_data), "--progress", "false", "--compilation-cache", "none",
-            "--upstream.num-modules", "1", "--upstream.steps", "2", "--upstream.max-length", "64",
-            "--upstream.num-devices", "1", "--out", str(out)]
+    args = ["--data-dir", str(shared_data), "--progress", "false", "--upstream.num-modules", "1",
+            "--upstream.steps", "2", "--upstream.max-length", "64", "--upstream.num-devices", "1",
+            "--out", str(out)]
     code, err = run(train_lora_modules.main, capsys, *args)
     assert code == 0, err
     manifest = json.loads((out / "modules.json").read_text())
@@ -101,7 +103,7 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
             layer.lora_b.set_value(0.1 * rng.standard_normal(layer.lora_b.shape, np.float32))
         save_peft(model, modules / task, base_model_name_or_path=str(folder))
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--progress",
-                    "false", "--compilation-cache", "none", "--modules.dir", str(modules),
+                    "false", "--modules.dir", str(modules),
                     "--out", str(out), "--bbh.tasks", "navigate,web_of_lies",
                     "--protocol.runs", "2", "--protocol.modules-per-run", "2",
                     "--protocol.max-test-examples", "2", "--protocol.max-new-tokens", "2",

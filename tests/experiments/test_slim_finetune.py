@@ -26,12 +26,13 @@ from slim_jax.train import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 # The cpu preset (real TinyStories model, real AG News data), shortened: 3 steps, 8 test
-# examples, 4 short stories, adapters on 4 layers so that six methods compile quickly.
+# examples, 4 short stories, adapters on two layers of the last block (so that the backward pass,
+# and its compilation, stops there) to keep six methods quick.
 SHORT = ["--seeds", "0", "--train.steps", "3", "--train.log-every", "1",
          "--task.max-train", "48", "--task.max-test", "8", "--data.batch-size", "8",
          "--data.seq-len", "64", "--eval.max-length", "64", "--eval.max-new-tokens", "4",
          "--eval.batch-size", "8", "--general.num-stories", "4", "--general.story-tokens", "24",
-         "--targets", "layers/[01]/(self_attn/q_proj|mlp/down_proj)$", "--num-devices", "1",
+         "--targets", "layers/4/(self_attn/q_proj|mlp/down_proj)$", "--num-devices", "1",
          "--compilation-cache", "none"]
 
 
@@ -74,7 +75,7 @@ def test_every_method_writes_parseable_outputs(run, shared_data):
         "trainable_params"]
     model, _ = load_model(parse_cli([*SHORT, "--data-dir", str(shared_data)]), shared_data)
     peft_config, factors = load_peft_factors(out / "runs/lora/seed0/peft", model)
-    assert peft_config.rank == lora["adapter"]["rank"] and len(factors) == 4
+    assert peft_config.rank == lora["adapter"]["rank"] and len(factors) == 2
 
 
 def test_identity_only_routing_leaves_general_capability_unchanged(run, shared_data):
@@ -101,7 +102,7 @@ def test_identity_only_routing_leaves_general_capability_unchanged(run, shared_d
 
     # Every token far from every cluster centre: yielding sends all weight to identity experts.
     layers = [m for m in adapted_layers(trained).values() if isinstance(m, SlimLinear)]
-    assert len(layers) == 4 and config.slim.top_k <= config.slim.num_identity_experts
+    assert len(layers) == 2 and config.slim.top_k <= config.slim.num_identity_experts
     for layer in layers:
         layer.cluster_mean[...] = jnp.full_like(layer.cluster_mean[...], 1e6)
     x = jax.random.normal(jax.random.key(0), (2, 5, layers[0].in_features))

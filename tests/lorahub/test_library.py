@@ -144,3 +144,17 @@ def test_module_from_model_refuses_mixed_ranks():
 def test_lora_module_scale():
     module = LoRAModule("x", 4, 8.0, {}, rslora=True)
     assert module.scale == pytest.approx(4.0)
+
+
+def test_find_module_looks_in_the_folder_by_id_last_part_and_task(tmp_path):
+    from slim_jax.errors import CheckpointError
+    from slim_jax.lorahub import find_module
+
+    for name in ("lorahub/flan_t5_large-a", "flan_t5_large-b", "c"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    for task in "abc":
+        found = find_module(f"lorahub/flan_t5_large-{task}", tmp_path, hub=False)
+        assert (found / "adapter_config.json").is_file() and found.name.endswith(task)
+    with pytest.raises(CheckpointError, match="module 'lorahub/flan_t5_large-d' is not in"):
+        find_module("lorahub/flan_t5_large-d", tmp_path, hub=False)
