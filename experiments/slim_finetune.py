@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import shlex
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -329,9 +331,72 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
+def prepare(config: SlimExperiment, folder: Path | None, out: Path, *,
+            stories: list[list[int]] | None = None,
+            base_record: dict[str, Any] | None = None) -> Context:
+    """Everything the runs share. Without `base_record` the base model is evaluated here (and its
+    stories sampled); a worker process passes the parent's stories and base record instead, so
+    every process measures against the very same reference."""
+    devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
+    base_model, tokenizer = load_model(config, folder)
+    shard_module(base_model, make_mesh(config.train.mesh, devices), config.train.rules)
+    base = eval_view(base_model)
+    task = build_task(config, folder)
+    layout = CausalLayout(tokenizer, lengths=(config.data.seq_len,))
+    train_data = tokenize_examples(task.train, layout, task.template)
+    if stories is not None:
+        capability: GeneralCapability = StoryCapability(base, tokenizer, stories)
+    else:
+        capability = build_capability(config, base, tokenizer, folder)
+    ctx = Context(config, folder, out, tokenizer, task, layout, train_data, capability,
+                  base_record or {}, devices)
+    if base_record is None:
+        downstream = evaluate_downstream(config, tokenizer, task, base)
+        general = capability.measure(base)
+        ctx.base = {"downstream": downstream.accuracy, "general": general,
+                    "general_score": general[capability.headline],
+                    "majority": task.majority_accuracy()}
+        if ctx.leader:
+            write_predictions(out / "base" / "predictions.jsonl", task, downstream)
+    return ctx
+
+
+def schedule(methods: Sequence[str], seeds: Sequence[int], workers: int) -> list[tuple[str, int]]:
+    """The order of the (method, seed) runs: `workers` methods side by side, seed after seed,
+    so that runs in flight at once are different methods and every later seed of a method finds
+    its programs in the compilation cache.
+
+    >>> schedule(["a", "b", "c"], [0, 1], workers=2)
+    [('a', 0), ('b', 0), ('a', 1), ('b', 1), ('c', 0), ('c', 1)]
+    """
+    jobs = []
+    for start in range(0, len(methods), workers):
+        group = methods[start:start + workers]
+        jobs.extend((method, seed) for seed in seeds for method in group)
+    return jobs
+
+
+_WORKER: Context | None = None
+
+
+def _worker_init(config: SlimExperiment, folder: Path | None, out: Path,
+                 stories: list[list[int]] | None, base_record: dict[str, Any]) -> None:
+    global _WORKER
+    enable_compilation_cache(config.compilation_cache)
+    _WORKER = prepare(config, folder, out, stories=stories, base_record=base_record)
+
+
+def _worker_run(method: str, seed: int) -> dict[str, Any]:
+    assert _WORKER is not None, "worker used before its initialiser ran"
+    return run_method(_WORKER, method, seed)
+
+
 def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
     """Run every method and seed of `config`; write the run folder; return `results.json`'s
-    content.
+    content (with `stopped`: "completed" or "preempted").
+
+    With `config.workers > 1` the runs are spread over that many worker processes (a CPU runs
+    one process's small programs mostly on one core; two processes use two).
 
     Raises:
       SlimJaxError: bad input (unknown method, missing data or model, invalid config), before
@@ -340,60 +405,61 @@ def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
     check_methods(config.methods)
     if not config.seeds:
         raise ConfigError("no seed given: pass --seeds, e.g. --seeds 0,1,2")
+    if config.workers < 1 or (config.workers > 1 and jax.process_count() > 1):
+        raise ConfigError(f"workers must be >= 1, and 1 in a multi-process job; got "
+                          f"{config.workers}")
     folder = resolve_inputs(config)
     out = Path(config.out).expanduser().resolve()
     if (out / "results.json").exists() or (out / "runs").exists():
         raise ConfigError(f"{out} already holds results; choose a new --out")
     enable_compilation_cache(config.compilation_cache)
-    devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
     clock = time.perf_counter()
-
-    base_model, tokenizer = load_model(config, folder)
-    shard_module(base_model, make_mesh(config.train.mesh, devices), config.train.rules)
-    task = build_task(config, folder)
-    layout = CausalLayout(tokenizer, lengths=(config.data.seq_len,))
-    train_data = tokenize_examples(task.train, layout, task.template)
-    leader = jax.process_index() == 0
-    if leader:
+    if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "command.txt").write_text(command + "\n")
         _write_json(out / "config.json", dataclasses.asdict(config))
-    print(f"task {task.name}: {len(task.train)} training / {len(task.test)} test examples "
-          f"(majority answer {100 * task.majority_accuracy():.1f}%); methods "
-          f"{', '.join(config.methods)}; seeds {', '.join(map(str, config.seeds))}", flush=True)
 
-    base = eval_view(base_model)
-    capability = build_capability(config, base, tokenizer, folder)
-    if leader and isinstance(capability, StoryCapability):
-        _write_json(out / "stories.json", {"stories": capability.stories,
-                                           "texts": [tokenizer.decode(s)
-                                                     for s in capability.stories]})
-    downstream = evaluate_downstream(config, tokenizer, task, base)
-    if leader:
-        write_predictions(out / "base" / "predictions.jsonl", task, downstream)
-    base_record = {"downstream": downstream.accuracy, "general": capability.measure(base),
-                   "majority": task.majority_accuracy()}
-    base_record["general_score"] = base_record["general"][capability.headline]
-    print(f"[base] downstream {100 * downstream.accuracy:.1f}%, {capability.headline} "
-          f"{base_record['general_score']:.4f}", flush=True)
-    del base, base_model
-    ctx = Context(config, folder, out, tokenizer, task, layout, train_data, capability,
-                  base_record, devices)
+    ctx = prepare(config, folder, out)
+    stories = ctx.capability.stories if isinstance(ctx.capability, StoryCapability) else None
+    if ctx.leader and stories is not None:
+        _write_json(out / "stories.json", {"stories": stories,
+                                           "texts": [ctx.tokenizer.decode(s) for s in stories]})
+    print(f"task {ctx.task.name}: {len(ctx.task.train)} training / {len(ctx.task.test)} test "
+          f"examples (majority answer {100 * ctx.base['majority']:.1f}%); base model: "
+          f"downstream {100 * ctx.base['downstream']:.1f}%, {ctx.capability.headline} "
+          f"{ctx.base['general_score']:.4f}; methods {', '.join(config.methods)}; seeds "
+          f"{', '.join(map(str, config.seeds))}", flush=True)
 
     runs: list[dict[str, Any]] = []
-    results: dict[str, Any] = {"runs": runs, "stopped": "completed"}
+    results: dict[str, Any] = {"runs": runs}
+    jobs = schedule(config.methods, config.seeds, config.workers)
     try:
-        for method in config.methods:
-            for seed in config.seeds:
+        if config.workers == 1:
+            for method, seed in jobs:
                 runs.append(run_method(ctx, method, seed))
                 if ctx.leader:
                     results = _write_results(ctx, runs, time.perf_counter() - clock)
+        else:
+            with ProcessPoolExecutor(
+                    config.workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_worker_init,
+                    initargs=(config, folder, out, stories, ctx.base)) as pool:
+                futures = [pool.submit(_worker_run, method, seed) for method, seed in jobs]
+                for future in as_completed(futures):
+                    runs.append(future.result())
+                    results = _write_results(ctx, _ordered(runs, config.methods),
+                                             time.perf_counter() - clock)
     except Preempted as stop:
         print(f"{stop}; results of the {len(runs)} finished runs are in {out}", flush=True)
         return {**results, "stopped": "preempted"}
     print(f"done in {time.perf_counter() - clock:.0f}s; results in {out / 'results.md'}",
           flush=True)
     return {**results, "stopped": "completed"}
+
+
+def _ordered(runs: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Runs by method (in `methods` order), then seed: workers finish in any order."""
+    return sorted(runs, key=lambda r: (list(methods).index(r["method"]), r["seed"]))
 
 
 def _write_results(ctx: Context, runs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:

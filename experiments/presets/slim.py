@@ -156,6 +156,9 @@ class SlimExperiment:
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
       targets: regex over linear-layer paths that get adapters.
       num_devices: devices to use (0: all).
+      workers: runs in parallel, each in its own process (CPU: one process's small programs run
+        mostly on one core, so two workers use two cores); 1 runs them in this process, as
+        multi-host jobs must.
       compilation_cache: folder of JAX's persistent compilation cache (seeds after the first reuse
         the compiled programs); none turns it off.
       model: the base model.
@@ -174,6 +177,7 @@ class SlimExperiment:
     data_dir: str | None = None
     targets: str = ALL_PROJECTIONS
     num_devices: int = 0
+    workers: int = 1
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
     model: ModelSpec = ModelSpec()
     task: TaskSpec = TaskSpec()
@@ -186,6 +190,7 @@ class SlimExperiment:
 
 CPU = SlimExperiment(
     preset="cpu",
+    workers=2,
     slim=SlimConfig(num_lora_experts=4, num_identity_experts=2, top_k=2, rank=4, alpha=8,
                     num_clusters=4, dropmerge_p=0.3),
     train=TrainConfig(

@@ -6,9 +6,10 @@
   compiled program. `scoring="sequential"` scores the same candidates one forward pass each
   (`jax.lax.map`), for comparison.
 - `cobyla_search`: the reference's optimiser. nevergrad's NGOpt picks COBYLA for LoRAHub's setting
-  (budget 40, 20 bounded weights); it runs scipy's COBYLA from 0 with `rhobeg` 1 and `tol` 0,
-  restarting from the best point while budget is left, and folds out-of-range proposals back into
-  the box. One candidate per forward pass, driven from Python.
+  (budget 40, 20 bounded weights); it runs scipy's COBYLA from 0 with `rhobeg` 1 and `tol` 0
+  (which scipy's PRIMA COBYLA reads as 1e-6), restarting from the best point while budget is left,
+  and folds out-of-range proposals back into the box. One candidate per forward pass, driven from
+  Python.
 - `gradient_search`: Adam on `w` through the composition (`jax.grad`), projected onto the box.
 
 Every search starts from 0 (the base model, which CMA-ES and COBYLA evaluate first), spends at

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ SHORT = ["--seeds", "0", "--train.steps", "3", "--train.log-every", "1",
          "--data.seq-len", "64", "--eval.max-length", "64", "--eval.max-new-tokens", "4",
          "--eval.batch-size", "8", "--general.num-stories", "4", "--general.story-tokens", "24",
          "--targets", "layers/4/(self_attn/q_proj|mlp/down_proj)$", "--num-devices", "1",
-         "--compilation-cache", "none"]
+         "--compilation-cache", "none", "--workers", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_every_method_writes_parseable_outputs(run, shared_data):
         assert (out / image).read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["steps"] == 3 and config["methods"] == list(METHODS)
-    assert (out / "command.txt").read_text().split() == [
+    assert shlex.split((out / "command.txt").read_text()) == [
         "python", "-m", "experiments.slim_finetune", *argv]
     # Plain LoRA, matched to SLIM's parameter count, is exported in PEFT's format.
     lora = next(r for r in results["runs"] if r["method"] == "lora")
