@@ -164,8 +164,7 @@ def train_module(
     data = tokenize_examples(examples, layout)
     batches = BatchIterator(data, layout, global_batch_size=config.batch_size, seed=seed,
                             pack=config.pack)
-    # Fresh arrays for the trainer: it donates its state buffers, which may be the model's own.
-    reset_adapters(model, seed)
+    reset_adapters(model, seed)  # every module starts from its own seed's initialisation
     trainer = Trainer(model, config.train, devices=devices)
     result = trainer.fit(batches)
     module = module_from_model(trainer.model(), name)

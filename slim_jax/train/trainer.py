@@ -58,6 +58,12 @@ log = logging.getLogger(__name__)
 HostBatch = Mapping[str, np.ndarray]
 
 
+
+@jax.jit
+def _copy_arrays(tree: Any) -> Any:
+    """Fresh buffers with the same values and shardings (never aliases of the inputs)."""
+    return jax.tree.map(jnp.copy, tree)
+
 class Trainer:
     """Adapter training of an NNX model on a device mesh.
 
@@ -113,7 +119,8 @@ class Trainer:
         rules = config.rules
         place = lambda tree: shard(tree, tree_shardings(tree, self.mesh, rules))
         self.frozen = place(frozen)
-        params, mutable = place(params), place(mutable)
+        # The step donates the adapter and state buffers; copies keep the caller's model intact.
+        params, mutable = _copy_arrays(place(params)), _copy_arrays(place(mutable))
         opt_shardings = tree_shardings(jax.eval_shape(self.tx.init, params), self.mesh, rules)
         opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
         self.state = TrainState(place(jnp.zeros((), jnp.int32)), params, mutable, opt_state)

@@ -113,3 +113,15 @@ def test_unknown_target_module_and_missing_adapters_are_named():
         inject(model, "qproj", SlimConfig(rank=2), rngs=nnx.Rngs(1))
     with pytest.raises(ConfigError, match=r"no trainable variables .* inject adapters first"):
         Trainer(model, TrainConfig(steps=1, progress=False))
+
+
+def test_fit_leaves_the_callers_model_untouched(tiny):
+    """The step donates its buffers: the model handed to the Trainer keeps its own arrays."""
+    model = tiny.tiny_model("slim")
+    before = _pure(nnx.state(model, nnx.Param))
+    trainer = Trainer(model, tiny.train_config(steps=2), devices=ONE)
+    trainer.fit(tiny.batches())
+    after = _pure(nnx.state(model, nnx.Param))  # reading a donated array would raise
+    assert tiny.max_abs_diff(before, after) == 0.0
+    trained = _pure(nnx.state(trainer.model(), nnx.Param))
+    assert tiny.max_abs_diff(before, trained) > 0.0
