@@ -176,7 +176,7 @@ def build_task(config: SlimExperiment, folder: Path | None) -> DownstreamTask:
     caps = {"max_train": spec.max_train, "max_test": spec.max_test, "seed": spec.split_seed}
     if spec.kind == "t0":
         return t0_classification_task(spec.names, folder, test_fraction=spec.test_fraction,
-                                      **caps)
+                                      max_passage_words=spec.max_passage_words, **caps)
     if spec.kind == "commonsense":
         return commonsense_task(spec.names, folder, **caps)
     if spec.kind == "gsm8k":
@@ -240,12 +240,19 @@ class Context:
 
 
 def evaluate_downstream(config: SlimExperiment, tokenizer: Tokenizer, task: DownstreamTask,
-                        model: nnx.Module) -> DownstreamResult:
-    """Downstream accuracy of `model` (in inference mode) as `config.eval` says."""
+                        model: nnx.Module) -> tuple[DownstreamResult, float | None]:
+    """Downstream accuracy of `model` (in inference mode) as `config.eval` says, and the
+    accuracy by likelihood when it is asked for as well (None otherwise)."""
     ev = config.eval
-    return downstream_accuracy(model, tokenizer, task, mode=ev.mode,
-                               max_new_tokens=ev.max_new_tokens, max_length=ev.max_length,
-                               batch_size=ev.batch_size, length_normalized=ev.length_normalized)
+    result = downstream_accuracy(model, tokenizer, task, mode=ev.mode,
+                                 max_new_tokens=ev.max_new_tokens, max_length=ev.max_length,
+                                 batch_size=ev.batch_size, length_normalized=ev.length_normalized)
+    if not (ev.also_likelihood and ev.mode == "generate" and task.kind != "number"):
+        return result, None
+    ranked = downstream_accuracy(model, tokenizer, task, mode="likelihood",
+                                 max_length=ev.max_length, batch_size=ev.batch_size,
+                                 length_normalized=ev.length_normalized)
+    return result, ranked.accuracy
 
 
 def write_predictions(path: Path, task: DownstreamTask, result: DownstreamResult) -> None:
@@ -291,7 +298,7 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
 
     start = time.perf_counter()
     trained = eval_view(trainer.model())
-    downstream = evaluate_downstream(config, ctx.tokenizer, ctx.task, trained)
+    downstream, by_likelihood = evaluate_downstream(config, ctx.tokenizer, ctx.task, trained)
     general = ctx.capability.measure(trained)
     eval_seconds = time.perf_counter() - start
     if ctx.leader:
@@ -310,7 +317,8 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
         "l1_coeff": train_config.l1_coeff,
         "trainable_params": count_params(trainer.state.params),
         "final_ce": sum(tail) / len(tail),
-        "downstream": downstream.accuracy, "general": general, "general_score": general[headline],
+        "downstream": downstream.accuracy, "downstream_likelihood": by_likelihood,
+        "general": general, "general_score": general[headline],
         "forgetting": drops[headline], "forgetting_by_measure": drops,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "checkpoint": str(run_dir / "checkpoints"),
@@ -318,7 +326,9 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
     if ctx.leader:
         _write_json(run_dir / "result.json", record)
     print(f"[{method_name} seed {seed}] {result.step} steps in {train_seconds:.1f}s (final "
-          f"cross-entropy {record['final_ce']:.3f}); downstream {100 * downstream.accuracy:.1f}%, "
+          f"cross-entropy {record['final_ce']:.3f}); downstream {100 * downstream.accuracy:.1f}%"
+          + ("" if by_likelihood is None else f" (by likelihood {100 * by_likelihood:.1f}%)")
+          + ", "
           f"{headline} {general[headline]:.4f} (forgetting {drops[headline]:+.4f}); "
           f"eval {eval_seconds:.1f}s", flush=True)
     return record
@@ -351,9 +361,10 @@ def prepare(config: SlimExperiment, folder: Path | None, out: Path, *,
     ctx = Context(config, folder, out, tokenizer, task, layout, train_data, capability,
                   base_record or {}, devices)
     if base_record is None:
-        downstream = evaluate_downstream(config, tokenizer, task, base)
+        downstream, by_likelihood = evaluate_downstream(config, tokenizer, task, base)
         general = capability.measure(base)
-        ctx.base = {"downstream": downstream.accuracy, "general": general,
+        ctx.base = {"downstream": downstream.accuracy, "downstream_likelihood": by_likelihood,
+                    "general": general,
                     "general_score": general[capability.headline],
                     "majority": task.majority_accuracy()}
         if ctx.leader:
@@ -499,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_experiment(config, shlex.join([*PROG.split(), *args]))
     except SlimJaxError as err:
         message = " ".join(str(err).split())
-        print(f"{PROG.split()[-1]}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     return 143 if results["stopped"] == "preempted" else 0
 

@@ -32,9 +32,9 @@ def summarize(runs: Sequence[Record], methods: Sequence[str]) -> list[dict[str, 
         if not mine:
             continue
         row: dict[str, Any] = {"method": method, "seeds": [r["seed"] for r in mine]}
-        for key in ("downstream", "general_score", "forgetting", "trainable_params",
-                    "train_seconds", "eval_seconds", "final_ce"):
-            if all(key in r for r in mine):
+        for key in ("downstream", "downstream_likelihood", "general_score", "forgetting",
+                    "trainable_params", "train_seconds", "eval_seconds", "final_ce"):
+            if all(r.get(key) is not None for r in mine):
                 row[key] = mean_std([float(r[key]) for r in mine])
         row["general"] = {name: mean_std([float(r["general"][name]) for r in mine])
                           for name in mine[0]["general"]}
@@ -53,22 +53,30 @@ def markdown_table(summary: Sequence[Record], base: Record, *, headline: str,
                    higher_is_better: bool) -> str:
     """The results table: one row per method (mean ± std over seeds) and the base model.
 
-    Columns: downstream accuracy (%), the headline general measure, forgetting (its drop from the
-    base; positive = worse), the other general measures, trainable parameters.
+    Columns: downstream accuracy (%; and by likelihood over the choices when measured), the
+    headline general measure, forgetting (its drop from the base; positive = worse), the other
+    general measures, trainable parameters.
     """
     extra = [name for name in base["general"] if name != headline]
+    ranked = base.get("downstream_likelihood") is not None
     direction = "higher is better" if higher_is_better else "lower is better"
-    head = ["method", "seeds", "downstream acc (%)", f"general: {headline} ({direction})",
-            f"forgetting (drop of {headline})", *extra, "trainable params"]
+    head = ["method", "seeds", "downstream acc (%)",
+            *(["downstream acc by likelihood (%)"] if ranked else []),
+            f"general: {headline} ({direction})", f"forgetting (drop of {headline})", *extra,
+            "trainable params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_cells = ["base model", "-", f"{100 * base['downstream']:.1f}",
+                  *([f"{100 * base['downstream_likelihood']:.1f}"] if ranked else []),
                   f"{base['general'][headline]:.4f}", "0",
                   *(f"{base['general'][n]:.4f}" for n in extra), "0"]
     lines.append("| " + " | ".join(base_cells) + " |")
     for row in summary:
         cells = [f"`{row['method']}`", str(len(row["seeds"])),
-                 _cell(row["downstream"], percent=True), _cell(row["general_score"], 4),
-                 _cell(row["forgetting"], 4)]
+                 _cell(row["downstream"], percent=True)]
+        if ranked:
+            cells.append(_cell(row["downstream_likelihood"], percent=True)
+                         if "downstream_likelihood" in row else "-")
+        cells += [_cell(row["general_score"], 4), _cell(row["forgetting"], 4)]
         cells += [_cell(row["general"][n], 4) for n in extra]
         cells.append(f"{row['trainable_params'][0]:,.0f}" if "trainable_params" in row else "-")
         lines.append("| " + " | ".join(cells) + " |")

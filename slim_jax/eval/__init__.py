@@ -64,9 +64,11 @@ from slim_jax.eval.scoring import (
 from slim_jax.eval.tasks import (
     DownstreamTask,
     gsm8k_task,
+    shorten_passage,
     subsample,
     subsample_indices,
     t0_classification_task,
+    template_lines,
 )
 
 __all__ = [
@@ -103,10 +105,12 @@ __all__ = [
     "same_number",
     "sample_stories",
     "sequence_log_likelihoods",
+    "shorten_passage",
     "story_metrics",
     "story_reference",
     "subsample",
     "subsample_indices",
     "t0_classification_task",
     "target_log_probs",
+    "template_lines",
 ]

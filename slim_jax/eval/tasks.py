@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 from slim_jax.data import ALPACA, PLAIN, Example, PromptTemplate, load_gsm8k, load_t0_template
@@ -135,6 +135,42 @@ def subsample(examples: Sequence[Example], limit: int | None, seed: int) -> tupl
     return tuple(examples[i] for i in subsample_indices(len(examples), limit, seed))
 
 
+def shorten_passage(example: Example, max_words: int,
+                    template_lines: Collection[str] = frozenset()) -> Example:
+    """`example` with its passage (the longest line of its instruction that is not one of the
+    template's own `template_lines`: the article, review or context a T0 template wraps in a
+    question) cut to its first `max_words` words.
+
+    News and reviews put their gist first (a title, a lead sentence), so a short prefix keeps the
+    signal while prompts fit much shorter rows, which matters for small models on a CPU.
+
+    >>> shorten_passage(Example("Q?\\nOne two three four.\\n", "a"), 2).instruction
+    'Q?\\nOne two\\n'
+    >>> shorten_passage(Example("Is it a long question?\\nA b.", "a"), 1, {"Is it a long question?"}
+    ...                 ).instruction
+    'Is it a long question?\\nA'
+    """
+    if max_words < 1:
+        raise ConfigError(f"max_passage_words must be >= 1 or None, got {max_words}")
+    lines = example.instruction.split("\n")
+    own = [i for i, line in enumerate(lines) if line not in template_lines]
+    if not own:
+        return example
+    passage = max(own, key=lambda i: len(lines[i]))
+    lines[passage] = " ".join(lines[passage].split()[:max_words])
+    return dataclasses.replace(example, instruction="\n".join(lines))
+
+
+def template_lines(examples: Sequence[Example]) -> frozenset[str]:
+    """Lines that recur in the instructions of several examples: a template's own wording.
+
+    >>> sorted(template_lines([Example("A\\nQ?", ""), Example("B\\nQ?", "")]))
+    ['Q?']
+    """
+    counts = Counter(line for e in examples for line in set(e.instruction.split("\n")))
+    return frozenset(line for line, n in counts.items() if n > 1)
+
+
 def _check_aligned(names: Sequence[str], sets: Sequence[list[Example]]) -> None:
     """Templates of one source hold the same items in the same order: equal lengths and labels
     that correspond one-to-one item by item."""
@@ -158,6 +194,7 @@ def t0_classification_task(
     seed: int = 0,
     max_train: int | None = None,
     max_test: int | None = None,
+    max_passage_words: int | None = None,
     name: str | None = None,
 ) -> DownstreamTask:
     """Several T0 templates of one source (e.g. the 7 `ag_news_*`) as one classification task.
@@ -173,6 +210,9 @@ def t0_classification_task(
       test_fraction: share of items held out, per label.
       seed: split seed.
       max_train, max_test: optional caps (seeded subsamples).
+      max_passage_words: cut every prompt's passage to its first words (`shorten_passage`;
+        the template's own lines, those shared by several items, are never cut), in training
+        and test alike; None keeps prompts whole.
       name: the task's name (default: the common prefix of the names).
 
     Raises:
@@ -181,6 +221,9 @@ def t0_classification_task(
     if not names:
         raise ConfigError("t0_classification_task needs at least one template name")
     sets = [load_t0_template(n, data_dir) for n in names]
+    if max_passage_words is not None:
+        sets = [[shorten_passage(e, max_passage_words, fixed) for e in examples]
+                for examples, fixed in ((x, template_lines(x)) for x in sets)]
     for template, examples in zip(names, sets, strict=True):
         if len({e.answer for e in examples}) < 2:
             raise DataError(f"T0 template {template!r} has a single label for every item: "

@@ -38,6 +38,21 @@ def test_t0_templates_share_one_item_split(shared_data):
     assert task.majority_accuracy() == pytest.approx(0.6, abs=0.02)
 
 
+def test_t0_passages_shortened_alike_in_train_and_test(shared_data):
+    full = t0_classification_task(AG_NEWS[:2], shared_data, seed=0)
+    short = t0_classification_task(AG_NEWS[:2], shared_data, seed=0, max_passage_words=5)
+    assert [e.answer for e in short.test] == [e.answer for e in full.test]
+    for before, after in zip(full.train + full.test, short.train + short.test, strict=True):
+        b, a = before.instruction.split("\n"), after.instruction.split("\n")
+        changed = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        assert len(changed) <= 1 and after.answer == before.answer
+        for i in changed:  # the article, cut to its first words; the question is kept
+            assert a[i] == " ".join(b[i].split()[:5]) and len(b[i].split()) > 5
+        assert any(line.endswith("?") for line in a)
+    with pytest.raises(ConfigError, match="max_passage_words"):
+        t0_classification_task(AG_NEWS[:1], shared_data, max_passage_words=0)
+
+
 def test_t0_caps_and_seed(shared_data):
     a = t0_classification_task(AG_NEWS[:1], shared_data, max_train=20, max_test=10, seed=1)
     b = t0_classification_task(AG_NEWS[:1], shared_data, max_train=20, max_test=10, seed=1)

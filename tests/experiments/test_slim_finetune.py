@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.slim_finetune import load_model, main, parse_cli, resolve_inputs
+from experiments.slim_finetune import PROG, load_model, main, parse_cli, resolve_inputs
 from experiments.slim_methods import METHODS, make_method, target_shapes
 from slim_jax.checkpoint import Checkpointer
 from slim_jax.eval import StoryCapability, eval_view
@@ -52,6 +52,7 @@ def test_every_method_writes_parseable_outputs(run, shared_data):
     assert results["base"]["general"]["top1_agreement"] == 1.0
     for record in results["runs"]:
         assert record["steps"] == 3 and 0.0 <= record["downstream"] <= 1.0
+        assert 0.0 <= record["downstream_likelihood"] <= 1.0
         assert set(record["general"]) == {"nll", "perplexity", "top1_agreement", "kl_to_base"}
         assert record["forgetting"] == pytest.approx(
             record["general"]["nll"] - results["base"]["general"]["nll"])
@@ -63,6 +64,7 @@ def test_every_method_writes_parseable_outputs(run, shared_data):
         assert Checkpointer(run_dir / "checkpoints").all_steps() == [3]
     table = (out / "results.md").read_text()
     assert all(f"| `{m}` | 1 |" in table for m in METHODS) and "| base model |" in table
+    assert "downstream acc by likelihood (%)" in table
     for image in ("loss_curves.png", "tradeoff.png"):
         assert (out / image).read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "config.json").read_text())
@@ -80,9 +82,12 @@ def test_every_method_writes_parseable_outputs(run, shared_data):
 
 
 def test_identity_only_routing_leaves_general_capability_unchanged(run, shared_data):
-    """Route every token of the trained SLIM model to its identity experts: its general
-    capability must be exactly the base model's (the run's own base record), while the same
-    adapters with their trained routing do change it."""
+    """Route every token of the trained SLIM model to its identity experts: the LoRA experts get
+    exactly zero weight and its general capability is the base model's (the run's own base
+    record), while the same adapters with their trained routing do change it.
+
+    The adapted graph is compiled differently from the base one, so logits may differ in the last
+    float32 bit (KL ~ 1e-9): measures are compared to 1e-6, agreement exactly."""
     out, argv = run
     config = parse_cli(argv)
     folder = resolve_inputs(config)
@@ -106,10 +111,13 @@ def test_identity_only_routing_leaves_general_capability_unchanged(run, shared_d
     assert len(layers) == 2 and config.slim.top_k <= config.slim.num_identity_experts
     for layer in layers:
         layer.cluster_mean[...] = jnp.full_like(layer.cluster_mean[...], 1e6)
-    x = jax.random.normal(jax.random.key(0), (2, 5, layers[0].in_features))
-    gates = np.asarray(layers[0].routing_weights(x))
-    assert (gates[..., :config.slim.num_lora_experts] == 0).all()
-    assert capability.measure(trained) == base_general
+    x = jax.random.normal(jax.random.key(0), (2, 5, max(m.in_features for m in layers)))
+    for layer in layers:
+        gates = np.asarray(layer.routing_weights(x[..., :layer.in_features]))
+        assert (gates[..., :config.slim.num_lora_experts] == 0).all()
+    identity_only = capability.measure(trained)
+    assert identity_only["top1_agreement"] == 1.0
+    assert identity_only == pytest.approx(base_general, rel=1e-6, abs=1e-6)
 
 
 def test_help_lists_every_field_with_its_default(capsys):
@@ -120,7 +128,7 @@ def test_help_lists_every_field_with_its_default(capsys):
     for flag in ("--data-dir", "--methods", "--seeds", "--out", "--slim.dropmerge-p",
                  "--train.optimizer.learning-rate", "--train.mesh.fsdp", "--eval.mode"):
         assert flag in text
-    assert "default: 0.3" in text and "default: 0,1,2" in text
+    assert "default: 0.1" in text and "default: 0,1,2" in text
 
 
 def test_pod_preset_and_overrides_parse():
@@ -147,7 +155,7 @@ def test_bad_input_is_one_line(argv, expected, tmp_path, shared_data, capsys):
         argv += ["--data-dir", str(shared_data)]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and expected in err and err.startswith("slim_finetune: error:")
+    assert err.count("\n") == 1 and expected in err and err.startswith(f"{PROG}: error:")
     assert not (tmp_path / "out").exists()
 
 
@@ -166,4 +174,4 @@ def test_the_command_fails_without_a_traceback(shared_data):
                           timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"slim_finetune: error: unknown method(s) 'nope'; choose from {', '.join(METHODS)}"]
+        f"{PROG}: error: unknown method(s) 'nope'; choose from {', '.join(METHODS)}"]
