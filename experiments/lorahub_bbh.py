@@ -41,14 +41,14 @@ from tqdm.auto import tqdm
 from experiments.config_cli import OneLineParser, add_config_arguments, parse_config
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
 from experiments.presets.lorahub import preset as get_preset
-from experiments.train_lora_modules import enable_compilation_cache, load_model, train_modules
+from experiments.train_lora_modules import load_model, train_modules
 from slim_jax.data import BBHTask, load_bbh
 from slim_jax.errors import CheckpointError, SlimJaxError
 from slim_jax.lorahub.library import LoRAModule, check_modules, find_module, load_module
 from slim_jax.lorahub.protocol import TaskResult, module_draws, run_bbh_task, steps_per_task
 from slim_jax.lorahub.report import plot_search_progress, results_json, results_table
 from slim_jax.lorahub.upstream import read_module_ids, task_of
-from slim_jax.settings import DATA_DIR_ENV
+from slim_jax.settings import DATA_DIR_ENV, enable_compilation_cache
 
 PROG = "python -m experiments.lorahub_bbh"
 

@@ -45,7 +45,6 @@ from experiments.config_cli import OneLineParser, add_config_arguments, parse_co
 from experiments.presets.slim import PRESETS, SlimExperiment, preset
 from experiments.slim_methods import Method, check_methods, make_method, target_shapes
 from experiments.slim_report import markdown_table, plot_losses, plot_tradeoff, summarize
-from experiments.train_lora_modules import enable_compilation_cache
 from slim_jax.data import BatchIterator, CausalLayout, tokenize_examples
 from slim_jax.errors import CheckpointError, ConfigError, DataError, SlimJaxError
 from slim_jax.eval import (
@@ -67,7 +66,7 @@ from slim_jax.models.llama2c import load_llama2c
 from slim_jax.models.peft_io import save_peft
 from slim_jax.nn import inject
 from slim_jax.parallel import initialize_distributed, make_mesh, shard_module
-from slim_jax.settings import DATA_DIR_ENV
+from slim_jax.settings import DATA_DIR_ENV, enable_compilation_cache, locate
 from slim_jax.settings import data_dir as resolve_data_dir
 from slim_jax.tokenizer import HFTokenizer, Tokenizer
 from slim_jax.train import Trainer, TrainResult
@@ -155,8 +154,7 @@ def _benchmarks(config: SlimExperiment) -> tuple[str, ...]:
 
 
 def _llama2c_dir(config: SlimExperiment, folder: Path | None) -> Path:
-    path = Path(config.model.path).expanduser()
-    return path if path.is_absolute() or folder is None else folder / path
+    return Path(locate(config.model.path, folder))
 
 
 def load_model(config: SlimExperiment, folder: Path | None) -> tuple[nnx.Module, Tokenizer]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -49,8 +48,7 @@ from slim_jax.lorahub.upstream import (
 from slim_jax.models import loading
 from slim_jax.nn import LoRAConfig
 from slim_jax.parallel import MeshConfig
-from slim_jax.settings import DATA_DIR_ENV
-from slim_jax.settings import data_dir as resolve_data_dir
+from slim_jax.settings import DATA_DIR_ENV, enable_compilation_cache, locate
 from slim_jax.tokenizer import Tokenizer
 from slim_jax.train import OptimizerConfig, TrainConfig
 
@@ -76,15 +74,6 @@ def parse_cli(argv: Sequence[str] | None = None) -> UpstreamExperiment:
     return parse_config(parser, defaults, argv, exclude=(("preset",),))
 
 
-def enable_compilation_cache(folder: str | None) -> None:
-    """Use JAX's persistent compilation cache in `folder` (None: leave it off)."""
-    if not folder:
-        return
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def load_model(spec: ModelSpec, data_dir: str | None) -> tuple[nnx.Module, Tokenizer, str]:
     """The base model, its tokenizer, and the name PEFT records as its base model.
 
@@ -94,15 +83,7 @@ def load_model(spec: ModelSpec, data_dir: str | None) -> tuple[nnx.Module, Token
       CheckpointError / ConfigError: from `slim_jax.models.loading.load_model` (missing files,
         an unsupported architecture), naming the path.
     """
-    path = Path(spec.path).expanduser()
-    if not path.is_absolute() and not path.exists():
-        try:
-            in_data = resolve_data_dir(data_dir) / path
-        except DataError:
-            in_data = None
-        if in_data is not None and in_data.exists():
-            path = in_data
-    name = str(path) if path.exists() else spec.path  # else a hub id
+    name = locate(spec.path, data_dir)  # else a hub id
     model, tokenizer = loading.load_model(name, dtype=spec.dtype, param_dtype=spec.param_dtype)
     return model, tokenizer, name
 

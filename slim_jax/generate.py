@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -84,29 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _locate(raw: str | None, folder: Path | None) -> str | None:
-    """`raw` as given if it exists; else inside the data folder if it exists there; else as given
-    (a hub id, or a missing path that the loader reports)."""
-    if raw is None or Path(raw).expanduser().exists() or folder is None:
-        return raw
-    candidate = folder / raw
-    return str(candidate) if not Path(raw).is_absolute() and candidate.exists() else raw
-
-
-def _data_folder(override: str | None) -> Path | None:
-    """The data folder: `--data-dir` (a bad one is reported), else `$SLIM_JAX_DATA_DIR` when it
-    names a folder, else None (then only local paths and hub ids are found)."""
-    from slim_jax.errors import DataError
-    from slim_jax.settings import data_dir
-
-    if override is not None:
-        return data_dir(override)
-    try:
-        return data_dir()
-    except DataError:
-        return None
-
-
 def run(args: argparse.Namespace) -> str:
     """Load, attach, generate: the text `main` prints for parsed `args`.
 
@@ -118,15 +94,16 @@ def run(args: argparse.Namespace) -> str:
     from flax import nnx
 
     from slim_jax.models.loading import generator_for, load_model
+    from slim_jax.settings import locate
 
-    folder = _data_folder(args.data_dir)
-    model_path = _locate(args.model, folder)
+    find = lambda path: None if path is None else locate(path, args.data_dir)
+    model_path = find(args.model)
     # The jnp scalar types, as the library's defaults are: equal configs share compiled programs.
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    model, tokenizer = load_model(model_path, tokenizer=_locate(args.tokenizer, folder),
+    model, tokenizer = load_model(model_path, tokenizer=find(args.tokenizer),
                                   dtype=dtype, param_dtype=dtype, allow_pickle=args.allow_pickle)
     if args.adapter is not None:
-        _attach(model, _locate(args.adapter, folder), args)
+        _attach(model, find(args.adapter), args)
     # Inference mode: dropout off, SLIM cluster statistics frozen, dynamic merging on.
     model = nnx.view(model, deterministic=True, use_running_average=True,
                      raise_if_not_found=False)

@@ -52,3 +52,49 @@ def data_dir(
             "at a folder laid out like shared/data"
         )
     return path
+
+
+def locate(path: str, override: str | os.PathLike[str] | None = None) -> str:
+    """Where a user-given model, tokenizer or adapter path points.
+
+    `path` as given when it exists; else, for a relative path, the same path inside the data
+    folder (`override` or `$SLIM_JAX_DATA_DIR`) when it exists there; else `path` unchanged (a
+    hub id, or a missing path that the loader then reports by name). So
+    `tinystories260k/checkpoint_v1.bin` works from any directory.
+
+    Raises:
+      DataError: `override` is given but is not a folder (a wrong `--data-dir` is reported,
+        never silently ignored).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = (Path(d) / "model").mkdir()
+    ...     locate("model", d) == str(Path(d).resolve() / "model"), locate("org/hub-id", d)
+    (True, 'org/hub-id')
+    """
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute():
+        return str(given) if given.exists() else path
+    if override is not None:
+        folder = data_dir(override)
+    else:
+        try:
+            folder = data_dir()
+        except DataError:
+            return path
+    candidate = folder / given
+    return str(candidate) if candidate.exists() else path
+
+
+def enable_compilation_cache(folder: str | os.PathLike[str] | None) -> None:
+    """Keep JAX's compiled programs in `folder` across runs (None or "": leave the cache off).
+
+    A second run of the same experiment then skips compilation, which dominates small CPU runs.
+    """
+    if not folder:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(str(folder)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
