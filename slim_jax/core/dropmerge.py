@@ -45,6 +45,11 @@ def channel_masks(key: jax.Array, d_in: int, d_out: int, p: float) -> tuple[jax.
     SLIM.md s3 (decision): `q_in = q_out = sqrt(1 - p)`, so `q_in * q_out = 1 - p`. With `p = 0`
     both masks are all ones (the key is not used).
 
+    Both masks come from one draw of `d_in + d_out` random 32-bit words (one threefry call per
+    layer per forward pass, not a key split and two Bernoulli draws): a channel is kept where its
+    word `u` satisfies `u < round(q * 2^32)`, which has probability `q` up to `2^-32`, channels
+    independent.
+
     Args:
       key: PRNG key; one key gives one pair of masks.
       d_in: input channels.
@@ -61,11 +66,11 @@ def channel_masks(key: jax.Array, d_in: int, d_out: int, p: float) -> tuple[jax.
     check_drop_rate(p)
     if p == 0.0:
         return jnp.ones((d_in,), jnp.float32), jnp.ones((d_out,), jnp.float32)
-    keep = math.sqrt(1.0 - p)
-    k_in, k_out = jax.random.split(key)
-    m_in = jax.random.bernoulli(k_in, keep, (d_in,)).astype(jnp.float32)
-    m_out = jax.random.bernoulli(k_out, keep, (d_out,)).astype(jnp.float32)
-    return m_in, m_out
+    # P(u < t) = t / 2^32 for u uniform on [0, 2^32); p > 0 gives t < 2^32.
+    threshold = min(round(math.sqrt(1.0 - p) * 2.0**32), 2**32 - 1)
+    bits = jax.random.bits(key, (d_in + d_out,), jnp.uint32)
+    kept = (bits < jnp.uint32(threshold)).astype(jnp.float32)
+    return kept[:d_in], kept[d_in:]
 
 
 def masked_lora_delta(

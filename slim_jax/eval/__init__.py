@@ -57,7 +57,6 @@ from slim_jax.eval.general import (
 from slim_jax.eval.scoring import (
     apply_model,
     eval_view,
-    one_merge_per_call,
     sequence_log_likelihoods,
     target_log_probs,
 )
@@ -100,7 +99,6 @@ __all__ = [
     "mean_std",
     "mmlu_task",
     "normalize",
-    "one_merge_per_call",
     "read_hub_set",
     "same_number",
     "sample_stories",

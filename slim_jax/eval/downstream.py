@@ -22,7 +22,7 @@ from flax import nnx
 
 from slim_jax.data import CausalLayout
 from slim_jax.errors import ConfigError
-from slim_jax.eval.scoring import one_merge_per_call, sequence_log_likelihoods
+from slim_jax.eval.scoring import sequence_log_likelihoods
 from slim_jax.eval.tasks import DownstreamTask
 from slim_jax.models.generate import bucket_length, generate
 from slim_jax.tokenizer import Tokenizer
@@ -69,7 +69,7 @@ def generate_texts(
 
     Every chunk has `batch_size` rows (the last is filled with copies of its final prompt) and
     every prompt is padded to the bucket of `max_prompt_tokens`, so the generation compiles once.
-    SLIM's dynamic merging draws one merged model per chunk (`one_merge_per_call`).
+    SLIM's dynamic merging draws fresh masks on every forward pass of the generation.
 
     Args:
       model: a decoder-only model for `slim_jax.models.generate` (in inference mode).
@@ -89,9 +89,8 @@ def generate_texts(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         filled = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        with one_merge_per_call(model):
-            out = generate(model, filled, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                           min_bucket=bucket_length(max_prompt_tokens))
+        out = generate(model, filled, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                       min_bucket=bucket_length(max_prompt_tokens))
         texts.extend((out.texts or [])[:len(chunk)])
     return texts
 

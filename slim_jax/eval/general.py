@@ -23,7 +23,7 @@ from flax import nnx
 
 from slim_jax.data import CausalLayout, TokenizedExample
 from slim_jax.errors import ConfigError
-from slim_jax.eval.scoring import apply_model, one_merge_per_call, ordered_batches
+from slim_jax.eval.scoring import apply_model, ordered_batches
 from slim_jax.models.generate import generate
 from slim_jax.tokenizer import Tokenizer
 
@@ -61,10 +61,9 @@ def sample_stories(
     for chunk in range(100 * num_stories):
         if len(stories) >= num_stories:
             break
-        with one_merge_per_call(model):
-            out = generate(model, [[tokenizer.bos_id]] * batch_size,
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           key=jax.random.fold_in(key, chunk), pad_id=tokenizer.pad_id)
+        out = generate(model, [[tokenizer.bos_id]] * batch_size,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       key=jax.random.fold_in(key, chunk), pad_id=tokenizer.pad_id)
         stories.extend([tokenizer.bos_id, *row] for row in out.tokens if len(row) >= min_tokens)
     if len(stories) < num_stories:
         raise ConfigError(f"the model wrote fewer than {num_stories} stories of at least "

@@ -4,12 +4,13 @@ Every evaluation forward pass goes through `apply_model`: the model is split int
 and the rest of its state (RNG counts, SLIM cluster statistics), one jitted program per
 (function, model structure, batch shape) runs it, and the updated rest is written back, so SLIM's
 dynamic-merging masks are redrawn on every call (SLIM.md s3) and nothing is recompiled between
-calls of the same shape. Parameters are inputs only, never copied out.
+calls of the same shape. Parameters are inputs only, never copied out. Generation
+(`slim_jax.models.generate`) threads the same state through its decoding loop, so masks are
+redrawn on every forward pass there too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from flax import nnx
 
 from slim_jax.data import BatchIterator, CausalLayout, TokenizedExample
 from slim_jax.errors import ConfigError
-from slim_jax.nn import SlimLinear, adapted_layers
+from slim_jax.models.functional import call_split, split_model
 
 Batch = Mapping[str, jax.Array]
 
@@ -41,9 +42,7 @@ def eval_view(model: nnx.Module) -> nnx.Module:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _apply(fn: Callable[..., Any], graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
            *args: Any) -> tuple[Any, nnx.State]:
-    model = nnx.merge(graphdef, params, rest)
-    out = fn(model, *args)
-    return out, nnx.state(model, nnx.Not(nnx.Param))
+    return call_split(graphdef, params, rest, lambda model: fn(model, *args))
 
 
 def apply_model(model: nnx.Module, fn: Callable[..., Any], *args: Any) -> Any:
@@ -60,52 +59,10 @@ def apply_model(model: nnx.Module, fn: Callable[..., Any], *args: Any) -> Any:
     >>> apply_model(layer, lambda m, x: m(x), jnp.ones((4, 3))).shape
     (4, 2)
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split_model(model)
     out, rest = _apply(fn, graphdef, params, rest, *args)
     nnx.update(model, rest)
     return out
-
-
-class _FrozenStream(nnx.Module):
-    """Stands in for a random stream: returns one fixed key and never advances."""
-
-    def __init__(self, key: jax.Array):
-        self.key_data = nnx.Variable(jax.random.key_data(key))
-
-    def __call__(self) -> jax.Array:
-        return jax.random.wrap_key_data(self.key_data[...])
-
-
-@contextlib.contextmanager
-def one_merge_per_call(model: nnx.Module) -> Iterator[int]:
-    """Within the block, every SLIM layer with dynamic merging uses one mask pair per layer.
-
-    `slim_jax.models.generate` runs its decoding loop on a model whose random streams it cannot
-    advance inside the loop (the loop does not carry NNX state). Here each such layer draws one
-    key from its own stream (so successive blocks get fresh masks, reproducibly) and uses it for
-    every forward pass of the block: the dynamically merged model `W + M * delta W` (SLIM.md s3)
-    is drawn once per generation call and kept while the continuation is written. Yields the
-    number of layers frozen; layers are restored on exit.
-
-    >>> from slim_jax.nn import SlimConfig
-    >>> layer = SlimLinear(2, 2, SlimConfig(rank=1, num_clusters=1, dropmerge_p=0.5),
-    ...                    rngs=nnx.Rngs(0), use_running_average=True)
-    >>> with one_merge_per_call(nnx.List([layer])) as frozen:
-    ...     same = bool((layer(jnp.ones((1, 2))) == layer(jnp.ones((1, 2)))).all())
-    >>> frozen, same, type(layer.rngs).__name__
-    (1, True, 'RngStream')
-    """
-    layers = [layer for layer in adapted_layers(model).values()
-              if isinstance(layer, SlimLinear) and layer.config.dropmerge_p > 0
-              and layer.use_running_average]
-    streams = [layer.rngs for layer in layers]
-    try:
-        for layer, stream in zip(layers, streams, strict=True):
-            layer.rngs = _FrozenStream(stream())
-        yield len(layers)
-    finally:
-        for layer, stream in zip(layers, streams, strict=True):
-            layer.rngs = stream
 
 
 def target_log_probs(model: nnx.Module, batch: Batch) -> jax.Array:

@@ -6,11 +6,21 @@ and one `jax.lax.while_loop` picks and feeds tokens until every row has stopped 
 `max_new_tokens` are written. The whole generation is one jitted function, so neither a new token
 nor a new batch of the same bucket recompiles.
 
+The model runs as a pure function (`slim_jax.models.functional`): its parameters are inputs, and
+the rest of its state (RNG streams, SLIM cluster statistics) is carried through the prefill and
+every loop step and written back when the call returns. A SLIM layer with dynamic merging thus
+draws fresh channel masks on every forward pass, the prefill and each new token alike (SLIM.md s3),
+and its stream advances deterministically: the same stream state and inputs give the same text
+(`nnx.reseed(model, slim=seed)` to repeat a generation). Generate in inference mode
+(`model.eval()`, `slim_jax.eval.eval_view`): a model in training mode updates its cluster
+statistics from the padded prompts and the generated tokens, and keeps those updates.
+
 Building blocks shared with encoder-decoder generation (T5): an encoder-decoder generator encodes
 once, then calls `decode_loop` with a step that runs the decoder on the cached encoder output:
   - `bucket_length(n)`: the static length a size is padded to;
   - `pad_batch(rows, length=..., pad_id=..., side=...)`: ragged id lists -> tokens + segment ids;
   - `decode_loop(step, carry, logits, ...)`: the jit-friendly sampling loop with per-row stopping;
+    it returns the final carry, through which the caller threads the model's mutable state;
   - `trim_at_stop(tokens, stop_ids)`: cut each generated row before its first stop token;
   - `Generation`: the result (token ids and texts).
 
@@ -37,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from slim_jax.errors import ConfigError
+from slim_jax.models.functional import call_split, split_model
 from slim_jax.models.sampling import check_sampling, next_token
 from slim_jax.tokenizer import Tokenizer
 
@@ -128,7 +139,7 @@ def decode_loop(
     top_p: float,
     stop_ids: tuple[int, ...],
     pad_id: int,
-) -> jax.Array:
+) -> tuple[jax.Array, Carry]:
     """Sample up to `max_new_tokens` tokens per row; traceable, meant to run inside `jax.jit`.
 
     Token t is chosen from the current logits (`sampling.next_token`, key `fold_in(key, t)`); a
@@ -137,8 +148,9 @@ def decode_loop(
 
     Args:
       step: `(carry, tokens [b]) -> (logits [b, vocab], carry)`: feeds the chosen tokens to the
-        model (e.g. one cached decoder step).
-      carry: the model state `step` threads (KV cache, positions, encoder output, ...).
+        model (e.g. one cached decoder step). The carry out must have the structure, shapes and
+        dtypes of the carry in.
+      carry: the state `step` threads (KV cache, positions, the model's RNG streams, ...).
       logits: `[b, vocab]` scores of the first new token (from the prefill).
       key: PRNG key (ignored when `temperature == 0`).
       max_new_tokens, temperature, top_p: static generation settings.
@@ -146,7 +158,8 @@ def decode_loop(
       pad_id: written after a row has stopped.
 
     Returns:
-      `[b, max_new_tokens]` int32 tokens.
+      `(tokens [b, max_new_tokens] int32, carry)`: the carry after the last step run (`step`
+      runs once per token after the first, fewer times when every row stops early).
     """
     stops = jnp.asarray(stop_ids, jnp.int32)
 
@@ -170,7 +183,8 @@ def decode_loop(
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, t))
         return t + 1, carry, token, out, done
 
-    return jax.lax.while_loop(cond, body, (jnp.int32(1), carry, first, out, done))[3]
+    _, carry, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), carry, first, out, done))
+    return out, carry
 
 
 def trim_at_stop(tokens: np.ndarray, stop_ids: Sequence[int]) -> list[list[int]]:
@@ -201,8 +215,11 @@ def generate(
 ) -> Generation:
     """Continue a batch of prompts: greedy by default, or temperature / nucleus sampling.
 
+    Every forward pass (the prefill, then one per new token) may update the model's non-parameter
+    state, e.g. advance a SLIM layer's mask stream; the updated state is written back into `model`.
+
     Args:
-      model: a decoder-only model (`Llama`).
+      model: a decoder-only model (`Llama`), usually in inference mode (`model.eval()`).
       prompts: texts (encoded with `tokenizer`, BOS in front when it has one; "" starts from BOS)
         or token id lists (used as given).
       tokenizer: encodes text prompts and decodes the results into `Generation.texts`.
@@ -238,13 +255,14 @@ def generate(
     length = bucket_length(max(len(row) for row in rows), minimum=min_bucket)
     batch = bucket_length(len(rows), minimum=1)
     tokens, segments = pad_batch(rows, length=length, pad_id=pad_id, batch=batch)
-    graphdef, state = nnx.split(model)
-    out = _generate_jit(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(segments),
+    graphdef, params, rest = split_model(model)
+    out, rest = _generate_jit(
+        graphdef, params, rest, jnp.asarray(tokens), jnp.asarray(segments),
         jax.random.key(0) if key is None else key,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
         stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
     )
+    nnx.update(model, rest)
     new_tokens = trim_at_stop(np.asarray(out)[: len(rows)], tuple(stop_ids))
     texts = None if tokenizer is None else [tokenizer.decode(row) for row in new_tokens]
     return Generation(tokens=new_tokens, texts=texts)
@@ -275,7 +293,8 @@ def _encode_prompts(
                                              "stop_ids", "pad_id"))
 def _generate_jit(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
+    params: nnx.State,
+    rest: nnx.State,
     tokens: jax.Array,
     segments: jax.Array,
     key: jax.Array,
@@ -285,23 +304,33 @@ def _generate_jit(
     top_p: float,
     stop_ids: tuple[int, ...],
     pad_id: int,
-) -> jax.Array:
-    """Prefill the left-padded prompts `[b, p]`, then `decode_loop`; one program per bucket."""
-    model = nnx.merge(graphdef, state)
+) -> tuple[jax.Array, nnx.State]:
+    """Prefill the left-padded prompts `[b, p]`, then `decode_loop`; one program per bucket.
+
+    Returns the new tokens `[b, max_new_tokens]` and the model's `rest` after the last step.
+    """
     batch, length = tokens.shape
     # Left padding: a row's real tokens sit at positions 0..n-1 whatever its padding.
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
-    cache = model.init_cache(batch, length + max_new_tokens)
-    logits, cache = model(tokens, positions=positions, segment_ids=segments, cache=cache,
-                          last_only=True)
+
+    def prefill(model):
+        cache = model.init_cache(batch, length + max_new_tokens)
+        return model(tokens, positions=positions, segment_ids=segments, cache=cache,
+                     last_only=True)
+
+    (logits, cache), rest = call_split(graphdef, params, rest, prefill)
     ones = jnp.ones((batch, 1), jnp.int32)
 
     def step(carry, previous):
-        cache, position = carry
-        logits, cache = model(previous[:, None], positions=position[:, None], segment_ids=ones,
-                              cache=cache)
-        return logits[:, 0], (cache, position + 1)
+        cache, position, rest = carry
+        (logits, cache), rest = call_split(
+            graphdef, params, rest,
+            lambda model: model(previous[:, None], positions=position[:, None],
+                                segment_ids=ones, cache=cache))
+        return logits[:, 0], (cache, position + 1, rest)
 
-    return decode_loop(step, (cache, positions[:, -1] + 1), logits[:, 0], key=key,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       stop_ids=stop_ids, pad_id=pad_id)
+    out, (_, _, rest) = decode_loop(
+        step, (cache, positions[:, -1] + 1, rest), logits[:, 0], key=key,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
+        pad_id=pad_id)
+    return out, rest

@@ -5,7 +5,10 @@ once; every decoder block's cross-attention keys and values are computed once
 (`T5.init_decode_state`); decoding starts every row at the decoder start token (T5: the pad id)
 and runs `generate.decode_loop` (greedy, temperature, top-p; a row stops at EOS) with a
 static-shape self-attention cache. The whole generation is one jitted function: neither a new
-token nor a new batch of the same bucket recompiles.
+token nor a new batch of the same bucket recompiles. As in `slim_jax.models.generate`, the
+model's non-parameter state (SLIM mask streams) is carried through the encoder pass, the
+cross-attention projections and every decoder step, and written back when the call returns, so
+dynamic merging draws fresh masks on every forward pass (SLIM.md s3).
 
 >>> from flax import nnx
 >>> from slim_jax.models.t5 import T5, T5Config
@@ -27,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from slim_jax.errors import ConfigError
+from slim_jax.models.functional import call_split, split_model
 from slim_jax.models.generate import Generation, bucket_length, decode_loop, pad_batch, trim_at_stop
 from slim_jax.models.sampling import check_sampling
 from slim_jax.models.t5 import T5
@@ -47,8 +51,11 @@ def generate(
 ) -> Generation:
     """Answer a batch of encoder inputs: greedy by default, or temperature / nucleus sampling.
 
+    The model's non-parameter state (e.g. SLIM mask streams) advances with every forward pass and
+    is written back into `model`.
+
     Args:
-      model: a `T5`.
+      model: a `T5`, usually in inference mode (`model.eval()`).
       prompts: texts (encoded with `tokenizer`, EOS appended as T5's tokenizer does; "" gives the
         input `[EOS]`) or token id lists (used as given).
       tokenizer: encodes text prompts and decodes the results into `Generation.texts`.
@@ -79,12 +86,13 @@ def generate(
     batch = bucket_length(len(rows), minimum=1)
     tokens, segments = pad_batch(rows, length=length, pad_id=config.pad_token_id, side="right",
                                  batch=batch)
-    graphdef, state = nnx.split(model)
-    out = _generate_jit(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(segments),
+    graphdef, params, rest = split_model(model)
+    out, rest = _generate_jit(
+        graphdef, params, rest, jnp.asarray(tokens), jnp.asarray(segments),
         jax.random.key(0) if key is None else key,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
         stop_ids=stop_ids, pad_id=config.pad_token_id, start_id=config.decoder_start_token_id)
+    nnx.update(model, rest)
     new_tokens = trim_at_stop(np.asarray(out)[: len(rows)], stop_ids)
     texts = None if tokenizer is None else [tokenizer.decode(row) for row in new_tokens]
     return Generation(tokens=new_tokens, texts=texts)
@@ -115,7 +123,8 @@ def _encode_inputs(prompts: Sequence[str] | Sequence[Sequence[int]],
                                              "stop_ids", "pad_id", "start_id"))
 def _generate_jit(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
+    params: nnx.State,
+    rest: nnx.State,
     tokens: jax.Array,
     segments: jax.Array,
     key: jax.Array,
@@ -126,19 +135,26 @@ def _generate_jit(
     stop_ids: tuple[int, ...],
     pad_id: int,
     start_id: int,
-) -> jax.Array:
+) -> tuple[jax.Array, nnx.State]:
     """Encode `tokens` [b, s_enc] once, then decode `max_new_tokens` [b, n]; one program per
-    bucket."""
-    model = nnx.merge(graphdef, state)
-    encoded = model.encode(tokens, segments)
-    # Cache positions: the start token at 0, generated tokens 1..n-1 (the n-th is never fed).
-    cache = model.init_decode_state(encoded, segments != 0, max_new_tokens)
+    bucket. Returns the tokens and the model's `rest` after the last step."""
     start = jnp.full((tokens.shape[0], 1), start_id, jnp.int32)
-    logits, cache = model.decode(start, cache)
 
-    def step(cache, previous):
-        logits, cache = model.decode(previous[:, None], cache)
-        return logits[:, 0], cache
+    def first(model):
+        encoded = model.encode(tokens, segments)
+        # Cache positions: the start token at 0, generated tokens 1..n-1 (the n-th is never fed).
+        cache = model.init_decode_state(encoded, segments != 0, max_new_tokens)
+        return model.decode(start, cache)
 
-    return decode_loop(step, cache, logits[:, 0], key=key, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
+    (logits, cache), rest = call_split(graphdef, params, rest, first)
+
+    def step(carry, previous):
+        cache, rest = carry
+        (logits, cache), rest = call_split(graphdef, params, rest,
+                                           lambda model: model.decode(previous[:, None], cache))
+        return logits[:, 0], (cache, rest)
+
+    out, (_, rest) = decode_loop(
+        step, (cache, rest), logits[:, 0], key=key, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
+    return out, rest

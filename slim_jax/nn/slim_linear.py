@@ -178,7 +178,9 @@ class SlimLinear(nnx.Linear):
         if cfg.yielding:
             stats = self._clusters(inputs, token_mask)
             # Distances are state-derived signals: no gradient flows through them.
-            d = jax.lax.stop_gradient(distance(stats, inputs, cfg.cluster_eps))
+            d = jax.lax.stop_gradient(
+                distance(stats, inputs, cfg.cluster_eps, cfg.yield_threshold)
+            )
             d = jnp.where(stats.count > 0, d, 0.0)  # never-trained clusters do not yield
             logits = yield_logits(logits, d, cfg.num_identity_experts, cfg.yield_strength)
         if cfg.dense_routing:

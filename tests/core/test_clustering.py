@@ -95,6 +95,9 @@ def test_nearest_and_distance_match_numpy():
     np.testing.assert_array_equal(nearest_cluster(stats, jnp.asarray(x)), near)
     ref = np.max(np.abs(x - mean[near]) / np.sqrt(var[near] + 1e-6), axis=-1) - 1
     np.testing.assert_allclose(jax.jit(distance)(stats, jnp.asarray(x)), ref, rtol=1e-5)
+    # The threshold t replaces the spec's 1: d = max_j z_j - t.
+    shifted = jax.jit(distance)(stats, jnp.asarray(x), 1e-6, 3.5)
+    np.testing.assert_allclose(shifted, ref + 1 - 3.5, rtol=1e-5, atol=1e-5)
 
 
 def test_yielding_raises_identity_weight_far_away_and_leaves_centre_tokens_alone():

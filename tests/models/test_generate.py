@@ -72,25 +72,25 @@ def test_stops_per_row_at_stop_ids(model):
 
 
 def test_decode_loop_pads_finished_rows_and_exits_early():
-    # A toy "model" whose next token is the previous one + 1; the stop id is 7.
-    steps = []
-
+    # A toy "model" whose next token is the previous one + 1; the stop id is 7. Its carry counts
+    # the steps run, and comes back from the loop.
     def step(carry, previous):
-        jax.debug.callback(lambda: steps.append(1))
-        return jax.nn.one_hot(previous + 1, 8) * 10.0, carry
+        return jax.nn.one_hot(previous + 1, 8) * 10.0, carry + 1
 
     @jax.jit
     def run(first_tokens):
         first = jax.nn.one_hot(first_tokens, 8) * 10.0
-        return gen.decode_loop(step, (), first, key=jax.random.key(0), max_new_tokens=6,
-                               temperature=0.0, top_p=1.0, stop_ids=(7,), pad_id=0)
+        return gen.decode_loop(step, jnp.int32(0), first, key=jax.random.key(0),
+                               max_new_tokens=6, temperature=0.0, top_p=1.0, stop_ids=(7,),
+                               pad_id=0)
 
-    out = run(jnp.array([1, 5]))
+    out, steps = run(jnp.array([1, 5]))
     np.testing.assert_array_equal(out, [[1, 2, 3, 4, 5, 6], [5, 6, 7, 0, 0, 0]])
     assert gen.trim_at_stop(np.asarray(out), (7,)) == [[1, 2, 3, 4, 5, 6], [5, 6]]
-    steps.clear()
-    np.testing.assert_array_equal(run(jnp.array([5, 6])), [[5, 6, 7, 0, 0, 0], [6, 7, 0, 0, 0, 0]])
-    assert len(steps) == 2  # the loop ends when both rows have stopped, not after 6 tokens
+    assert int(steps) == 5  # one step per token after the first
+    out, steps = run(jnp.array([5, 6]))
+    np.testing.assert_array_equal(out, [[5, 6, 7, 0, 0, 0], [6, 7, 0, 0, 0, 0]])
+    assert int(steps) == 2  # the loop ends when both rows have stopped, not after 6 tokens
 
 
 def test_sampling_is_reproducible_and_top_p_narrows_to_greedy(model):

@@ -113,6 +113,25 @@ def test_yielding_moves_far_tokens_to_identity_and_leaves_centre_tokens(randomiz
     assert float(with_yield[1, 3:].sum()) > float(without[1, 3:].sum())
 
 
+def test_yield_threshold_spares_tokens_within_it(randomize):
+    x = jnp.concatenate([jnp.full((1, 4), 3.0), jnp.zeros((1, 4))], axis=1)  # z = 3 on 4 channels
+    gates = {}
+    for threshold in (1.0, 4.0):
+        layer = make(SlimConfig(num_lora_experts=3, num_identity_experts=2, top_k=2, rank=2,
+                                alpha=4, num_clusters=2, yield_strength=50.0,
+                                yield_threshold=threshold))
+        randomize(layer)
+        set_clusters(layer, [np.zeros(8), np.full(8, 20.0)], np.ones((2, 8)))
+        layer.eval()
+        gates[threshold] = layer.routing_weights(x)
+    plain = make(SlimConfig(num_lora_experts=3, num_identity_experts=2, top_k=2, rank=2,
+                            alpha=4, yielding=False))
+    randomize(plain)
+    # t = 1: d = 2, the identity experts take the token; t = 4: d < 0, routing as without yielding.
+    assert float(gates[1.0][0, 3:].sum()) > 0.999
+    np.testing.assert_array_equal(gates[4.0], plain.routing_weights(x))
+
+
 def test_untrained_clusters_do_not_yield(tokens, randomize):
     layer = make()
     randomize(layer)
