@@ -177,6 +177,67 @@ def update_clusters(
     return ClusterStats(mean=mean, var=var, count=stats.count + 1)
 
 
+def max_z(stats: ClusterStats, x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """The largest per-channel z-score of every token at its nearest centre c*.
+
+    `max_j |x_j - mu_c*,j| / sigma_c*,j` with `sigma = sqrt(var + eps)`; `distance` subtracts
+    the threshold from it.
+
+    Args:
+      stats: cluster statistics.
+      x: `[..., d_in]` tokens.
+      eps: added to the variance before the square root.
+
+    Returns:
+      `[...]` float32.
+
+    >>> s = ClusterStats(jnp.zeros((1, 2)), jnp.full((1, 2), 4.0), jnp.array(1))
+    >>> max_z(s, jnp.array([[0.0, 6.0]]), eps=0.0).tolist()
+    [3.0]
+    """
+    x = x.astype(jnp.float32)
+    c = nearest_cluster(stats, x)
+    z = jnp.abs(x - stats.mean[c]) * jax.lax.rsqrt(stats.var[c] + eps)
+    return jnp.max(z, axis=-1)
+
+
+def token_quantile(
+    values: jax.Array, q: float, token_weights: jax.Array | None = None
+) -> jax.Array:
+    """The q-quantile of per-token values over the tokens with non-zero weight.
+
+    The lower order statistic: the value at rank `floor(q * (n - 1))` of the n counted tokens
+    in ascending order (padding never counts). With no counted token, the quantile of all.
+
+    Args:
+      values: `[...]` one value per token.
+      q: the quantile, in `(0, 1)`.
+      token_weights: `[...]` weight per token (0 = padding); None counts every token.
+
+    Returns:
+      `[]` float32.
+
+    >>> token_quantile(jnp.array([4.0, 1.0, 3.0, 2.0, 99.0]), 0.5,
+    ...                jnp.array([1.0, 1.0, 1.0, 1.0, 0.0])).tolist()
+    2.0
+    """
+    if not 0.0 < q < 1.0:
+        raise ConfigError(f"quantile q must be in (0, 1), got {q}")
+    flat = values.reshape(-1).astype(jnp.float32)
+    if token_weights is None:
+        valid = jnp.ones(flat.shape, bool)
+    else:
+        if token_weights.shape != values.shape:
+            raise ShapeError(f"token_weights must have the shape of values {values.shape}, got "
+                             f"{token_weights.shape}")
+        valid = token_weights.reshape(-1) > 0
+        valid = jnp.where(valid.any(), valid, True)
+    n = valid.sum()
+    ordered = jnp.sort(jnp.where(valid, flat, jnp.inf))  # counted tokens first, ascending
+    rank = jnp.floor(q * (n - 1)).astype(jnp.int32)
+    return ordered[rank]
+
+
 def distance(
     stats: ClusterStats, x: jax.Array, eps: float = 1e-6, threshold: float | jax.Array = 1.0
 ) -> jax.Array:
@@ -203,10 +264,7 @@ def distance(
     >>> distance(s, jnp.array([[0.0, 6.0]]), eps=0.0, threshold=3.0).tolist()
     [0.0]
     """
-    x = x.astype(jnp.float32)
-    c = nearest_cluster(stats, x)
-    z = jnp.abs(x - stats.mean[c]) * jax.lax.rsqrt(stats.var[c] + eps)
-    return jnp.max(z, axis=-1) - threshold
+    return max_z(stats, x, eps) - threshold
 
 
 def yield_logits(

@@ -45,8 +45,9 @@ def sample_stories(
     """Stories the model writes from BOS alone: token ids, each starting with BOS.
 
     Chunk `c` of `batch_size` stories samples with key `fold_in(key(seed), c)`, so the stories
-    depend on the seed only. A story ends at a stop token (not kept) or after `max_new_tokens`;
-    stories shorter than `min_tokens` are dropped and replaced by further draws.
+    depend on the seed only (and, for a SLIM model with dynamic merging, on the state of its mask
+    streams, which generation advances). A story ends at a stop token (not kept) or after
+    `max_new_tokens`; stories shorter than `min_tokens` are dropped and replaced by further draws.
 
     Raises:
       ConfigError: a tokenizer without BOS, or settings that can never yield enough stories.

@@ -100,6 +100,12 @@ class SlimConfig:
         >= 0. The spec's reading is t = 1; the maximum over d_in channels of a token from the
         cluster's own Gaussian has a median of about 2.5 at d_in = 64 (3.8 at 4096), so with
         t = 1 nearly every token, in-domain too, yields. A larger t yields only far tokens.
+      yield_quantile: None (the spec: the fixed `yield_threshold`) or q in (0, 1): then each
+        layer's t is a running estimate of the q-quantile of `max_j |x_j - mu_j| / sigma_j` over
+        its training tokens (EMA with `momentum`, started from the first batch; kept as the
+        `ClusterState` `yield_cutoff`), so that about a fraction 1 - q of in-domain tokens
+        yield whatever d_in and the tails of the layer's activations. A calibration of the
+        spec's distance, not in the paper.
       cluster_eps: added to the variances in `d(x)`.
       dropmerge_p: dynamic-merging drop rate p in `[0, 1)`, used at inference; 0 turns it off.
       dropmerge_rescale: DARE's `1 / (1 - p)` rescale of the masked delta.
@@ -124,6 +130,7 @@ class SlimConfig:
     momentum: float = 0.99
     yield_strength: float = 1.0
     yield_threshold: float = 1.0
+    yield_quantile: float | None = None
     cluster_eps: float = 1e-6
     dropmerge_p: float = 0.0
     dropmerge_rescale: bool = True
@@ -161,6 +168,11 @@ class SlimConfig:
             raise ConfigError(
                 f"yield_threshold must be a finite number >= 0 (standard deviations beyond "
                 f"which a token yields; the spec's is 1.0), got {self.yield_threshold!r}"
+            )
+        if self.yield_quantile is not None and not 0.0 < self.yield_quantile < 1.0:
+            raise ConfigError(
+                f"yield_quantile must be None (the fixed yield_threshold) or in (0, 1) (the "
+                f"share of in-domain tokens that do not yield), got {self.yield_quantile!r}"
             )
         if not self.cluster_eps > 0:
             raise ConfigError(f"cluster_eps must be > 0, got {self.cluster_eps!r}")

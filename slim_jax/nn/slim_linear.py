@@ -10,9 +10,10 @@ from flax import nnx
 
 from slim_jax.core.clustering import (
     ClusterStats,
-    distance,
     empty_clusters,
     init_from_tokens,
+    max_z,
+    token_quantile,
     update_clusters,
     yield_logits,
 )
@@ -39,6 +40,7 @@ class SlimLinear(nnx.Linear):
       experts_a `[E_l, d_in, r]`, experts_b `[E_l, r, d_out]`, router `[d_in, E_l + E_i]`:
         `AdapterParam` (no router for a single expert);
       cluster_mean, cluster_var `[C, d_in]`, cluster_count `[]`: `ClusterState` (with yielding);
+      yield_cutoff `[]`: `ClusterState`, the running quantile threshold (with `yield_quantile`);
       token_mask: `TokenMask`, token weights for the cluster update (see `set_token_mask`).
 
     Modes, as `nnx.BatchNorm` (`model.train()`, `model.eval()`, `nnx.view(model, ...)`):
@@ -107,6 +109,10 @@ class SlimLinear(nnx.Linear):
             self.cluster_mean = ClusterState(stats.mean, logical_axes=("cluster", in_axis))
             self.cluster_var = ClusterState(stats.var, logical_axes=("cluster", in_axis))
             self.cluster_count = ClusterState(stats.count, logical_axes=())
+            if config.yield_quantile is not None:
+                self.yield_cutoff = ClusterState(
+                    jnp.asarray(config.yield_threshold, jnp.float32), logical_axes=()
+                )
         self.token_mask = TokenMask(None)
         if config.yielding or config.dropmerge_p > 0:
             self.rngs = fork_stream(rngs, RNG_COLLECTION, "SlimLinear")
@@ -158,15 +164,29 @@ class SlimLinear(nnx.Linear):
         weights = self._token_weights(x, token_mask)
         key = self.rngs()
         cfg = self.config
+        fresh = stats.count == 0
         stats = jax.lax.cond(
-            stats.count > 0,
-            lambda: update_clusters(stats, x, weights, cfg.momentum),
+            fresh,
             lambda: init_from_tokens(x, key, cfg.num_clusters, weights),
+            lambda: update_clusters(stats, x, weights, cfg.momentum),
         )
         self.cluster_mean[...] = stats.mean
         self.cluster_var[...] = stats.var
         self.cluster_count[...] = stats.count
+        if cfg.yield_quantile is not None:
+            # EMA of the batch's q-quantile of max_j |z_j| (SlimConfig.yield_quantile).
+            z = jax.lax.stop_gradient(max_z(stats, x, cfg.cluster_eps))
+            batch = token_quantile(z, cfg.yield_quantile, weights)
+            old = self.yield_cutoff[...]
+            m = cfg.momentum
+            self.yield_cutoff[...] = jnp.where(fresh, batch, m * old + (1.0 - m) * batch)
         return stats
+
+    def _threshold(self) -> jax.Array | float:
+        """t of `d(x) = max_j |z_j| - t`: the fixed `yield_threshold` or the running quantile."""
+        if self.config.yield_quantile is None:
+            return self.config.yield_threshold
+        return self.yield_cutoff[...]
 
     def routing_weights(self, inputs: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
         """The gates `[..., E_l + E_i]` of every token (updates the clusters in training mode)."""
@@ -178,9 +198,8 @@ class SlimLinear(nnx.Linear):
         if cfg.yielding:
             stats = self._clusters(inputs, token_mask)
             # Distances are state-derived signals: no gradient flows through them.
-            d = jax.lax.stop_gradient(
-                distance(stats, inputs, cfg.cluster_eps, cfg.yield_threshold)
-            )
+            # SLIM.md s2: d(x) = max_j |x_j - mu_c*,j| / sigma_c*,j - t (t = 1 in the spec).
+            d = jax.lax.stop_gradient(max_z(stats, inputs, cfg.cluster_eps) - self._threshold())
             d = jnp.where(stats.count > 0, d, 0.0)  # never-trained clusters do not yield
             logits = yield_logits(logits, d, cfg.num_identity_experts, cfg.yield_strength)
         if cfg.dense_routing:

@@ -12,7 +12,9 @@ from slim_jax.core.clustering import (
     distance,
     empty_clusters,
     init_from_tokens,
+    max_z,
     nearest_cluster,
+    token_quantile,
     update_clusters,
     yield_logits,
 )
@@ -98,6 +100,30 @@ def test_nearest_and_distance_match_numpy():
     # The threshold t replaces the spec's 1: d = max_j z_j - t.
     shifted = jax.jit(distance)(stats, jnp.asarray(x), 1e-6, 3.5)
     np.testing.assert_allclose(shifted, ref + 1 - 3.5, rtol=1e-5, atol=1e-5)
+
+
+def test_token_quantile_matches_numpy_and_skips_padding():
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(3, 11)).astype(np.float32)
+    weights = (rng.uniform(size=(3, 11)) > 0.3).astype(np.float32)
+    counted = np.sort(values[weights > 0])
+    for q in (0.1, 0.5, 0.9):
+        want = counted[int(np.floor(q * (counted.size - 1)))]
+        got = jax.jit(token_quantile, static_argnums=1)(jnp.asarray(values), q,
+                                                         jnp.asarray(weights))
+        assert float(got) == want
+    assert float(token_quantile(jnp.asarray(values), 0.5)) == np.sort(values.ravel())[16]
+    with pytest.raises(ConfigError, match=r"quantile q must be in \(0, 1\)"):
+        token_quantile(jnp.asarray(values), 1.0)
+    with pytest.raises(ShapeError, match="token_weights"):
+        token_quantile(jnp.asarray(values), 0.5, jnp.ones(3))
+
+
+def test_max_z_is_distance_plus_threshold():
+    stats = ClusterStats(jnp.array([[0.0, 0.0], [4.0, 4.0]]), jnp.ones((2, 2)), jnp.array(1))
+    x = jnp.array([[0.5, -2.0], [4.0, 7.0]])
+    np.testing.assert_allclose(max_z(stats, x), [2.0, 3.0], rtol=1e-5)
+    np.testing.assert_allclose(distance(stats, x, threshold=2.5), [-0.5, 0.5], rtol=1e-5)
 
 
 def test_yielding_raises_identity_weight_far_away_and_leaves_centre_tokens_alone():

@@ -44,6 +44,27 @@ def test_kept_fraction_is_one_minus_p_over_many_keys():
     assert abs(kept.mean() - (1 - p)) < 5 * kept.std() / np.sqrt(n_keys)
 
 
+def test_every_channel_is_kept_independently_with_ratio_sqrt_one_minus_p():
+    # Both masks are slices of one draw: no channel may be biased or tied to another, within a
+    # mask or across the two.
+    p, n_keys, d_in, d_out = 0.5, 4000, 6, 5
+    keys = jax.random.split(jax.random.key(4), n_keys)
+    m_in, m_out = jax.jit(jax.vmap(lambda k: channel_masks(k, d_in, d_out, p)))(keys)
+    assert m_in.shape == (n_keys, d_in) and m_out.shape == (n_keys, d_out)
+    channels = np.concatenate([m_in, m_out], axis=1)  # [keys, d_in + d_out]
+    q = np.sqrt(1 - p)
+    assert np.abs(channels.mean(0) - q).max() < 5 * np.sqrt(q * (1 - q) / n_keys)
+    corr = np.corrcoef(channels.T)[np.triu_indices(d_in + d_out, k=1)]
+    assert np.abs(corr).max() < 5 / np.sqrt(n_keys)
+
+
+def test_one_random_draw_per_mask_pair():
+    # One threefry call per layer per forward pass: no key split, one bits draw (nested jaxprs
+    # included in the printed program).
+    program = str(jax.make_jaxpr(lambda k: channel_masks(k, D_IN, D_OUT, 0.3))(jax.random.key(0)))
+    assert program.count("random_bits[") == 1 and "random_split" not in program
+
+
 def test_mean_masked_output_equals_unmasked(factors):
     x, a, b = factors
     p, n_keys = 0.5, 4000

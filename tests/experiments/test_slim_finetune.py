@@ -104,11 +104,19 @@ def test_identity_only_routing_leaves_general_capability_unchanged(run, shared_d
                       devices=jax.devices()[:1])
     trainer.restore(Checkpointer(out / "runs/slim/seed0/checkpoints"))
     trained = eval_view(trainer.model())
-    assert capability.measure(trained) != base_general
-
-    # Every token far from every cluster centre: yielding sends all weight to identity experts.
     layers = [m for m in adapted_layers(trained).values() if isinstance(m, SlimLinear)]
     assert len(layers) == 2 and config.slim.top_k <= config.slim.num_identity_experts
+    # Every token well inside its cluster (no yielding): the trained LoRA experts get weight and
+    # change the capability. (With the trained clusters, story tokens may all lie far outside the
+    # task's clusters after 3 steps and yield already, so the contrast is made explicit.)
+    trained_var = [layer.cluster_var[...] for layer in layers]
+    for layer in layers:
+        layer.cluster_var[...] = jnp.full_like(layer.cluster_var[...], 1e12)
+    assert capability.measure(trained) != base_general
+    for layer, var in zip(layers, trained_var, strict=True):
+        layer.cluster_var[...] = var
+
+    # Every token far from every cluster centre: yielding sends all weight to identity experts.
     for layer in layers:
         layer.cluster_mean[...] = jnp.full_like(layer.cluster_mean[...], 1e6)
     x = jax.random.normal(jax.random.key(0), (2, 5, max(m.in_features for m in layers)))

@@ -24,6 +24,8 @@ from slim_jax.nn import LoRAConfig, SlimConfig
         ({"yield_threshold": -0.5}, "yield_threshold must be a finite number >= 0"),
         ({"yield_threshold": float("inf")}, "yield_threshold"),
         ({"yield_threshold": float("nan")}, "yield_threshold"),
+        ({"yield_quantile": 1.0}, r"yield_quantile must be None .* or in \(0, 1\)"),
+        ({"yield_quantile": 0.0}, "yield_quantile"),
         ({"num_clusters": 0}, "num_clusters"),
         ({"init_a": "xavier"}, "init_a"),
         ({"param_dtype": "int8"}, "param_dtype"),

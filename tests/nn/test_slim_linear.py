@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from slim_jax.core.clustering import ClusterStats, update_clusters
+from slim_jax.core.clustering import ClusterStats, max_z, token_quantile, update_clusters
 from slim_jax.errors import ShapeError
 from slim_jax.nn import AdapterParam, ClusterState, LoRAConfig, LoRALinear, SlimConfig, SlimLinear
 
@@ -130,6 +130,32 @@ def test_yield_threshold_spares_tokens_within_it(randomize):
     # t = 1: d = 2, the identity experts take the token; t = 4: d < 0, routing as without yielding.
     assert float(gates[1.0][0, 3:].sum()) > 0.999
     np.testing.assert_array_equal(gates[4.0], plain.routing_weights(x))
+
+
+def test_yield_quantile_tracks_the_training_tokens_and_spares_most_of_them(randomize):
+    cfg = SlimConfig(num_lora_experts=3, num_identity_experts=2, top_k=2, rank=2, alpha=4,
+                     num_clusters=2, momentum=0.5, yield_strength=50.0, yield_quantile=0.75)
+    layer = make(cfg)
+    randomize(layer)
+    x1, x2 = (jax.random.normal(jax.random.key(k), (4, 16, 8)) for k in (1, 2))
+    layer(x1)  # first batch: the cutoff is the batch's 0.75-quantile of max_j |z_j|
+    want = token_quantile(max_z(layer.cluster_stats, x1), 0.75)
+    np.testing.assert_allclose(layer.yield_cutoff[...], want, rtol=1e-6)
+    layer(x2)  # then an EMA with the clusters' momentum
+    want = 0.5 * want + 0.5 * token_quantile(max_z(layer.cluster_stats, x2), 0.75)
+    np.testing.assert_allclose(layer.yield_cutoff[...], want, rtol=1e-6)
+    layer.eval()
+    plain = make(SlimConfig(num_lora_experts=3, num_identity_experts=2, top_k=2, rank=2,
+                            alpha=4, yielding=False))
+    randomize(plain)
+    far = np.asarray(max_z(layer.cluster_stats, x2) > layer.yield_cutoff[...])
+    # About a quarter of in-domain tokens yield (the spec's t = 1 would take nearly all of them),
+    # and only those: the others keep the routing without yielding.
+    assert 0.1 < float(far.mean()) < 0.45
+    gates, without = layer.routing_weights(x2), plain.routing_weights(x2)
+    np.testing.assert_array_equal(np.asarray(gates)[~far], np.asarray(without)[~far])
+    assert (np.asarray(gates[..., 3:].sum(-1))[far] >= np.asarray(without[..., 3:].sum(-1))[far]
+            - 1e-6).all()
 
 
 def test_untrained_clusters_do_not_yield(tokens, randomize):
