@@ -42,7 +42,7 @@ import jax
 from flax import nnx
 
 from experiments.config_cli import OneLineParser, add_config_arguments, parse_config
-from experiments.presets.slim import PRESETS, SlimExperiment, preset
+from experiments.presets.slim import PRESETS, SlimExperiment, TaskSpec, preset
 from experiments.slim_methods import Method, check_methods, make_method, target_shapes
 from experiments.slim_report import markdown_table, plot_losses, plot_tradeoff, summarize
 from slim_jax.data import BatchIterator, CausalLayout, tokenize_examples
@@ -168,13 +168,22 @@ def load_model(config: SlimExperiment, folder: Path | None) -> tuple[nnx.Module,
     return model, HFTokenizer(spec.path)
 
 
+def check_validation(spec: TaskSpec) -> None:
+    """Raise ConfigError if `task.validation` is set for a task kind without item splits."""
+    if spec.validation and spec.kind != "t0":
+        raise ConfigError(f"task.validation is for t0 tasks (split by item); task.kind "
+                          f"{spec.kind!r} has its own test set: drop --task.validation")
+
+
 def build_task(config: SlimExperiment, folder: Path | None) -> DownstreamTask:
     """The downstream task of `config.task`."""
     spec = config.task
     caps = {"max_train": spec.max_train, "max_test": spec.max_test, "seed": spec.split_seed}
     if spec.kind == "t0":
         return t0_classification_task(spec.names, folder, test_fraction=spec.test_fraction,
-                                      max_passage_words=spec.max_passage_words, **caps)
+                                      max_passage_words=spec.max_passage_words,
+                                      validation=spec.validation, **caps)
+    check_validation(spec)
     if spec.kind == "commonsense":
         return commonsense_task(spec.names, folder, **caps)
     if spec.kind == "gsm8k":
@@ -414,6 +423,7 @@ def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
     check_methods(config.methods)
     if not config.seeds:
         raise ConfigError("no seed given: pass --seeds, e.g. --seeds 0,1,2")
+    check_validation(config.task)
     if config.workers < 1 or (config.workers > 1 and jax.process_count() > 1):
         raise ConfigError(f"workers must be >= 1, and 1 in a multi-process job; got "
                           f"{config.workers}")

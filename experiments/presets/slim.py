@@ -74,6 +74,9 @@ class TaskSpec:
       max_passage_words: t0: keep the first this many words of each prompt's passage (the
         article; its title and lead carry the topic), in training and test alike; none keeps
         prompts whole.
+      validation: t0: evaluate on a validation split of the training items instead of the
+        test items (the test items are not used at all): for choosing settings without
+        looking at the test set.
     """
 
     kind: Literal["t0", "commonsense", "gsm8k"] = "t0"
@@ -83,6 +86,7 @@ class TaskSpec:
     max_train: int | None = None
     max_test: int | None = None
     max_passage_words: int | None = None
+    validation: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -195,6 +195,7 @@ def t0_classification_task(
     max_train: int | None = None,
     max_test: int | None = None,
     max_passage_words: int | None = None,
+    validation: bool = False,
     name: str | None = None,
 ) -> DownstreamTask:
     """Several T0 templates of one source (e.g. the 7 `ag_news_*`) as one classification task.
@@ -213,6 +214,10 @@ def t0_classification_task(
       max_passage_words: cut every prompt's passage to its first words (`shorten_passage`;
         the template's own lines, those shared by several items, are never cut), in training
         and test alike; None keeps prompts whole.
+      validation: evaluate on a validation split instead of the test items, for choosing
+        settings without looking at the test set: the training items are split again (the same
+        `test_fraction`, stratified, seeded) into training and validation items; the test items
+        are not used at all.
       name: the task's name (default: the common prefix of the names).
 
     Raises:
@@ -229,7 +234,11 @@ def t0_classification_task(
             raise DataError(f"T0 template {template!r} has a single label for every item: "
                             "nothing to learn; pick a template with several labels")
     _check_aligned(names, sets)
-    train_items, test_items = stratified_split([e.answer for e in sets[0]], test_fraction, seed)
+    labels = [e.answer for e in sets[0]]
+    train_items, test_items = stratified_split(labels, test_fraction, seed)
+    if validation:  # held out from the training items; test items stay unseen
+        fit, held = stratified_split([labels[i] for i in train_items], test_fraction, seed)
+        train_items, test_items = [train_items[i] for i in fit], [train_items[i] for i in held]
     train = [examples[i] for i in train_items for examples in sets]
     test, choices = [], []
     for examples in sets:
@@ -239,7 +248,7 @@ def t0_classification_task(
             choices.append(labels)
     keep = subsample_indices(len(test), max_test, seed)
     return DownstreamTask(
-        name=name or _common_prefix(names),
+        name=(name or _common_prefix(names)) + ("/validation" if validation else ""),
         kind="label",
         train=subsample(train, max_train, seed),
         test=tuple(test[i] for i in keep),

@@ -38,6 +38,21 @@ def test_t0_templates_share_one_item_split(shared_data):
     assert task.majority_accuracy() == pytest.approx(0.6, abs=0.02)
 
 
+def test_validation_split_is_carved_from_training_items_only(shared_data):
+    task = t0_classification_task(AG_NEWS, shared_data, test_fraction=0.25, seed=0)
+    val = t0_classification_task(AG_NEWS, shared_data, test_fraction=0.25, seed=0,
+                                 validation=True)
+    assert val.name == task.name + "/validation"
+    assert len(val.test) == 3 * 37 and len(val.train) == 3 * 113
+    split = articles(task.train + task.test)
+    train_articles, test_articles = set(split[:len(task.train)]), set(split[len(task.train):])
+    found = articles(val.train + val.test)
+    fit, held = set(found[:len(val.train)]), set(found[len(val.train):])
+    assert len(held) == 37 and not fit & held
+    assert fit | held == train_articles and not (fit | held) & test_articles
+    assert val.majority_accuracy() == pytest.approx(0.6, abs=0.03)
+
+
 def test_t0_passages_shortened_alike_in_train_and_test(shared_data):
     full = t0_classification_task(AG_NEWS[:2], shared_data, seed=0)
     short = t0_classification_task(AG_NEWS[:2], shared_data, seed=0, max_passage_words=5)

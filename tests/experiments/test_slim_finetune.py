@@ -156,6 +156,7 @@ def test_pod_preset_and_overrides_parse():
     (["--model.path", "/no/such/model"], "model folder /no/such/model lacks checkpoint_v1.bin"),
     (["--model.kind", "hf", "--model.path", "./no/such/hf"], "does not exist or has no config"),
     (["--slim.top-k", "9"], "top_k must be between 1"),
+    (["--task.kind", "gsm8k", "--task.validation", "yes"], "drop --task.validation"),
 ])
 def test_bad_input_is_one_line(argv, expected, tmp_path, shared_data, capsys):
     argv = [a.replace("{empty}", str(tmp_path)) for a in argv]
