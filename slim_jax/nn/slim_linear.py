@@ -10,6 +10,7 @@ from flax import nnx
 
 from slim_jax.core.clustering import (
     ClusterStats,
+    distance,
     empty_clusters,
     init_from_tokens,
     max_z,
@@ -199,7 +200,9 @@ class SlimLinear(nnx.Linear):
             stats = self._clusters(inputs, token_mask)
             # Distances are state-derived signals: no gradient flows through them.
             # SLIM.md s2: d(x) = max_j |x_j - mu_c*,j| / sigma_c*,j - t (t = 1 in the spec).
-            d = jax.lax.stop_gradient(max_z(stats, inputs, cfg.cluster_eps) - self._threshold())
+            d = jax.lax.stop_gradient(
+                distance(stats, inputs, cfg.cluster_eps, threshold=self._threshold())
+            )
             d = jnp.where(stats.count > 0, d, 0.0)  # never-trained clusters do not yield
             logits = yield_logits(logits, d, cfg.num_identity_experts, cfg.yield_strength)
         if cfg.dense_routing:
