@@ -40,14 +40,16 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Collection, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from slim_jax.errors import ConfigError
+from slim_jax.settings import DATA_DIR_ENV
 
 NONE = "none"
 TRUE = ("true", "yes", "1", "on")
 FALSE = ("false", "no", "0", "off")
+C = TypeVar("C")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -305,3 +307,37 @@ def parse_config(parser: argparse.ArgumentParser, config: Any,
         if leaf.path not in exclude and hasattr(namespace, leaf.dest):
             config = replace_path(config, leaf.path, getattr(namespace, leaf.dest))
     return config
+
+
+def parse_preset_cli(prog: str, doc: str, presets: Sequence[str],
+                     defaults_of: Callable[[str], C], argv: Sequence[str] | None = None, *,
+                     exclude: Collection[tuple[str, ...]] = (("preset",),)) -> C:
+    """An experiment's config from its command line: `--preset NAME` (default `cpu`) picks the
+    defaults, then `--FIELD VALUE` overrides them; `--help` lists every field with its default.
+
+    Args:
+      prog: the command, as the user types it (`python -m experiments.slim_finetune`).
+      doc: the command module's docstring; its first line, after `prog: `, describes it.
+      presets: the preset names, for `--help`.
+      defaults_of: the config of a preset name (a frozen dataclass with a `preset` field).
+      argv: the arguments (default `sys.argv[1:]`).
+      exclude: fields that are not flags (`preset` is read first, on its own).
+
+    Raises:
+      ConfigError: an unknown preset (from `defaults_of`), or an override the config's own
+        validation rejects.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = OneLineParser(prog=prog, add_help=False)
+    first.add_argument("--preset", default="cpu")
+    name = first.parse_known_args(argv)[0].preset
+    defaults = dataclasses.replace(defaults_of(name), preset=name)
+    parser = OneLineParser(
+        prog=prog, usage=f"{prog} [--preset NAME] [--FIELD VALUE ...]",
+        description=doc.split("\n\n")[0].split(": ", 1)[1],
+        epilog=f"Presets: {', '.join(presets)}. Tuples are comma-separated, 'none' is None; "
+               f"--data-dir overrides ${DATA_DIR_ENV}.")
+    parser.add_argument("--preset", default="cpu", metavar="{" + ",".join(presets) + "}",
+                        help="the preset whose values are the defaults below [default: cpu]")
+    add_config_arguments(parser, defaults, exclude=exclude)
+    return parse_config(parser, defaults, argv, exclude=exclude)

@@ -38,7 +38,7 @@ from pathlib import Path
 from flax import nnx
 from tqdm.auto import tqdm
 
-from experiments.config_cli import OneLineParser, add_config_arguments, parse_config
+from experiments.config_cli import parse_preset_cli
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
 from experiments.presets.lorahub import preset as get_preset
 from experiments.train_lora_modules import load_model, train_modules
@@ -48,27 +48,14 @@ from slim_jax.lorahub.library import LoRAModule, check_modules, find_module, loa
 from slim_jax.lorahub.protocol import TaskResult, module_draws, run_bbh_task, steps_per_task
 from slim_jax.lorahub.report import plot_search_progress, results_json, results_table
 from slim_jax.lorahub.upstream import read_module_ids, task_of
-from slim_jax.settings import DATA_DIR_ENV, enable_compilation_cache
+from slim_jax.settings import enable_compilation_cache
 
 PROG = "python -m experiments.lorahub_bbh"
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> LoRAHubExperiment:
     """The config from the command line: `--preset` first, then field overrides."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    first = OneLineParser(prog=PROG, add_help=False)
-    first.add_argument("--preset", default="cpu")
-    name = first.parse_known_args(argv)[0].preset
-    defaults = dataclasses.replace(get_preset(name)[0], preset=name)
-    parser = OneLineParser(
-        prog=PROG, usage=f"{PROG} [--preset NAME] [--FIELD VALUE ...]",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        epilog=f"Presets: {', '.join(PRESETS)}. Tuples are comma-separated, 'none' is None; "
-               f"--data-dir overrides ${DATA_DIR_ENV}.")
-    parser.add_argument("--preset", default="cpu", metavar="{" + ",".join(PRESETS) + "}",
-                        help="the preset whose values are the defaults below [default: cpu]")
-    add_config_arguments(parser, defaults, exclude=(("preset",),))
-    return parse_config(parser, defaults, argv, exclude=(("preset",),))
+    return parse_preset_cli(PROG, __doc__, PRESETS, lambda name: get_preset(name)[0], argv)
 
 
 def load_tasks(config: LoRAHubExperiment) -> dict[str, BBHTask]:

@@ -41,7 +41,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from experiments.config_cli import OneLineParser, add_config_arguments, parse_config
+from experiments.config_cli import parse_preset_cli
 from experiments.presets.slim import PRESETS, SlimExperiment, TaskSpec, preset
 from experiments.slim_methods import Method, check_methods, make_method, target_shapes
 from experiments.slim_report import markdown_table, plot_losses, plot_tradeoff, summarize
@@ -85,20 +85,8 @@ def parse_cli(argv: Sequence[str] | None = None) -> SlimExperiment:
     Raises:
       ConfigError: an unknown preset, or an override the config's validation rejects.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    first = OneLineParser(prog=PROG, add_help=False)
-    first.add_argument("--preset", default="cpu")
-    name = first.parse_known_args(argv)[0].preset
-    defaults = dataclasses.replace(preset(name), preset=name)
-    parser = OneLineParser(
-        prog=PROG, usage=f"{PROG} [--preset NAME] [--FIELD VALUE ...]",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        epilog=f"Presets: {', '.join(PRESETS)}. Tuples are comma-separated, 'none' is None; "
-               f"--data-dir overrides ${DATA_DIR_ENV}.")
-    parser.add_argument("--preset", default="cpu", metavar="{" + ",".join(PRESETS) + "}",
-                        help="the preset whose values are the defaults below [default: cpu]")
-    add_config_arguments(parser, defaults, exclude=CLI_EXCLUDED)
-    return parse_config(parser, defaults, argv, exclude=CLI_EXCLUDED)
+    return parse_preset_cli(PROG, __doc__, PRESETS, preset, argv,
+                            exclude=CLI_EXCLUDED)
 
 
 # -- inputs -------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import sys
@@ -31,7 +30,7 @@ import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from experiments.config_cli import OneLineParser, add_config_arguments, parse_config
+from experiments.config_cli import parse_preset_cli
 from experiments.presets.lorahub import PRESETS, ModelSpec, UpstreamExperiment, UpstreamSpec
 from experiments.presets.lorahub import preset as get_preset
 from slim_jax.data import CausalLayout, EncoderDecoderLayout
@@ -48,7 +47,7 @@ from slim_jax.lorahub.upstream import (
 from slim_jax.models import loading
 from slim_jax.nn import LoRAConfig
 from slim_jax.parallel import MeshConfig
-from slim_jax.settings import DATA_DIR_ENV, enable_compilation_cache, locate
+from slim_jax.settings import enable_compilation_cache, locate
 from slim_jax.tokenizer import Tokenizer
 from slim_jax.train import OptimizerConfig, TrainConfig
 
@@ -58,20 +57,7 @@ MANIFEST = "modules.json"
 
 def parse_cli(argv: Sequence[str] | None = None) -> UpstreamExperiment:
     """The config from the command line: `--preset` first, then field overrides."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    first = OneLineParser(prog=PROG, add_help=False)
-    first.add_argument("--preset", default="cpu")
-    name = first.parse_known_args(argv)[0].preset
-    defaults = dataclasses.replace(get_preset(name)[1], preset=name)
-    parser = OneLineParser(
-        prog=PROG, usage=f"{PROG} [--preset NAME] [--FIELD VALUE ...]",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        epilog=f"Presets: {', '.join(PRESETS)}. Tuples are comma-separated, 'none' is None; "
-               f"--data-dir overrides ${DATA_DIR_ENV}.")
-    parser.add_argument("--preset", default="cpu", metavar="{" + ",".join(PRESETS) + "}",
-                        help="the preset whose values are the defaults below [default: cpu]")
-    add_config_arguments(parser, defaults, exclude=(("preset",),))
-    return parse_config(parser, defaults, argv, exclude=(("preset",),))
+    return parse_preset_cli(PROG, __doc__, PRESETS, lambda name: get_preset(name)[1], argv)
 
 
 def load_model(spec: ModelSpec, data_dir: str | None) -> tuple[nnx.Module, Tokenizer, str]:
