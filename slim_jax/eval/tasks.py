@@ -234,10 +234,10 @@ def t0_classification_task(
             raise DataError(f"T0 template {template!r} has a single label for every item: "
                             "nothing to learn; pick a template with several labels")
     _check_aligned(names, sets)
-    labels = [e.answer for e in sets[0]]
-    train_items, test_items = stratified_split(labels, test_fraction, seed)
+    item_labels = [e.answer for e in sets[0]]
+    train_items, test_items = stratified_split(item_labels, test_fraction, seed)
     if validation:  # held out from the training items; test items stay unseen
-        fit, held = stratified_split([labels[i] for i in train_items], test_fraction, seed)
+        fit, held = stratified_split([item_labels[i] for i in train_items], test_fraction, seed)
         train_items, test_items = [train_items[i] for i in fit], [train_items[i] for i in held]
     train = [examples[i] for i in train_items for examples in sets]
     test, choices = [], []
