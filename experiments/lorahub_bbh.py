@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from experiments.config_cli import parse_preset_cli
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
 from experiments.presets.lorahub import preset as get_preset
+from experiments.run_folder import default_run_folder
 from experiments.train_lora_modules import load_model, train_modules
 from slim_jax.data import BBHTask, load_bbh
 from slim_jax.errors import CheckpointError, SlimJaxError
@@ -118,9 +119,10 @@ def load_modules(config: LoRAHubExperiment, model: nnx.Module, names: Sequence[s
 
 
 def run_folder(config: LoRAHubExperiment) -> Path:
+    """`--out`, or a new timestamped folder under `runs/lorahub_bbh`."""
     if config.out is not None:
         return Path(config.out).expanduser()
-    return Path("runs/lorahub_bbh") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return default_run_folder("lorahub_bbh", config.preset)
 
 
 def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperiment,

@@ -4,7 +4,8 @@ For every method (SLIM, its ablations, LoRA of matched size; `experiments/slim_m
 seed, the base model gets the method's adapters on the target layers and trains with the shared
 trainer (`slim_jax.train.Trainer`: same steps, batch and learning rate for all); then downstream
 accuracy and general capability are measured (`slim_jax.eval`), and forgetting is the drop of
-the general measure from the base model. The run folder:
+the general measure from the base model. The run folder (`--out`; by default a new
+`runs/slim_finetune/<preset>-<time>`):
 
     <out>/command.txt, config.json      the exact command, the full resolved config
     <out>/results.json, results.md      every run's record; the table (mean ± std over seeds)
@@ -43,6 +44,7 @@ from flax import nnx
 
 from experiments.config_cli import parse_preset_cli
 from experiments.presets.slim import PRESETS, SlimExperiment, TaskSpec, preset
+from experiments.run_folder import default_run_folder
 from experiments.slim_methods import Method, check_methods, make_method, target_shapes
 from experiments.slim_report import markdown_table, plot_losses, plot_tradeoff, summarize
 from slim_jax.data import BatchIterator, CausalLayout, tokenize_examples
@@ -416,7 +418,9 @@ def run_experiment(config: SlimExperiment, command: str) -> dict[str, Any]:
         raise ConfigError(f"workers must be >= 1, and 1 in a multi-process job; got "
                           f"{config.workers}")
     folder = resolve_inputs(config)
-    out = Path(config.out).expanduser().resolve()
+    out = (Path(config.out).expanduser() if config.out is not None
+           else default_run_folder("slim_finetune", config.preset)).resolve()
+    config = dataclasses.replace(config, out=str(out))  # config.json records where it went
     if (out / "results.json").exists() or (out / "runs").exists():
         raise ConfigError(f"{out} already holds results; choose a new --out")
     enable_compilation_cache(config.compilation_cache)

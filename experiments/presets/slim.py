@@ -164,7 +164,8 @@ class SlimExperiment:
       preset: the preset these values started from (recorded; choose it with --preset).
       methods: methods to compare (see experiments/slim_methods.py).
       seeds: seeds; each method trains once per seed (adapter init, data order, masks).
-      out: the run folder (created; results, plots, adapters, config and command go there).
+      out: the run folder (created; results, plots, adapters, config and command go there);
+        none: runs/slim_finetune/<preset>-<time>.
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
       targets: regex over linear-layer paths that get adapters.
       num_devices: devices to use (0: all).
@@ -185,7 +186,7 @@ class SlimExperiment:
     preset: str = "cpu"
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
-    out: str = "runs/slim_finetune"
+    out: str | None = None
     data_dir: str | None = None
     targets: str = ALL_PROJECTIONS
     num_devices: int = 0

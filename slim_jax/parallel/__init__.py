@@ -7,7 +7,12 @@
 (('data', 'fsdp', 'tensor'), True)
 """
 
-from slim_jax.parallel.distributed import ProcessInfo, initialize_distributed, process_info
+from slim_jax.parallel.distributed import (
+    ProcessInfo,
+    initialize_distributed,
+    leader_time,
+    process_info,
+)
 from slim_jax.parallel.mesh import AXES, MeshConfig, MeshError, batch_parallel_size, make_mesh
 from slim_jax.parallel.rules import (
     DEFAULT_RULES,
@@ -47,6 +52,7 @@ __all__ = [
     "create_sharded",
     "global_batch",
     "initialize_distributed",
+    "leader_time",
     "logical_to_spec",
     "make_mesh",
     "process_info",

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import jax
+import numpy as np
 
 from slim_jax.errors import ConfigError
 
@@ -118,3 +120,23 @@ def initialize_distributed(
         # Cloud TPU pods and SLURM: JAX reads coordinator, count and index from the environment.
         jax.distributed.initialize(initialization_timeout=timeout_s)
     return process_info()
+
+
+def leader_time() -> int:
+    """Process 0's wall clock in whole seconds since the epoch, the same value on every process.
+
+    For names every process must agree on, such as a timestamped run folder: the processes'
+    own clocks may differ by seconds. In a multi-process job every process must call it (it is
+    a collective).
+
+    >>> abs(leader_time() - time.time()) < 2  # a single process: its own clock
+    True
+    """
+    now = int(time.time())
+    if jax.process_count() == 1:
+        return now
+    from jax.experimental import multihost_utils
+
+    # Two int32 halves: 64-bit integers would need jax_enable_x64.
+    high, low = multihost_utils.broadcast_one_to_all(np.array([now >> 16, now & 0xFFFF], np.int32))
+    return (int(high) << 16) | int(low)

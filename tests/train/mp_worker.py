@@ -1,6 +1,7 @@
 """Worker of test_multiprocess.py, started by launch/local.py: joins the jax.distributed job,
 trains the tiny LoRA model for 3 steps over all processes' devices (each process feeding its slice
-of every global batch), checkpoints, and writes its losses to `<out>/losses_<process>.json`.
+of every global batch), checkpoints, and writes its losses (and `leader_time()` beside its own
+clock) to `<out>/losses_<process>.json`.
 
 Usage: python tests/train/mp_worker.py OUT_DIR
 """
@@ -17,7 +18,15 @@ def main(out_dir: str) -> None:
 
     info = initialize_distributed()  # first: before anything starts a JAX backend
 
+    import time
+
     import jax
+
+    from slim_jax.parallel import leader_time
+
+    if info.process_index == 1:
+        time.sleep(2.0)  # so that this process's own clock is behind process 0's reading
+    agreed, own = leader_time(), int(time.time())
 
     from slim_jax.parallel import MeshConfig
     from slim_jax.train import Trainer
@@ -37,6 +46,8 @@ def main(out_dir: str) -> None:
         "devices": jax.device_count(),
         "local_devices": jax.local_device_count(),
         "checkpoint_step": result.checkpoint_step,
+        "leader_time": agreed,
+        "own_time": own,
     }
     (out / f"losses_{info.process_index}.json").write_text(json.dumps(record))
 

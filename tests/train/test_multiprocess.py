@@ -56,4 +56,6 @@ def test_two_processes_reach_the_losses_of_one(tiny, tmp_path):
     assert len(single) == 3
     np.testing.assert_allclose(first["losses"], single, atol=1e-5, rtol=0)
     assert first["losses"] == second["losses"]  # every process sees the same global step
+    # leader_time: process 0's clock on both, though process 1 read it 2 s later.
+    assert first["leader_time"] == second["leader_time"] <= second["own_time"] - 1
     assert first["checkpoint_step"] == 3 and (tmp_path / "run" / "checkpoints" / "3").is_dir()
