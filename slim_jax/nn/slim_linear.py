@@ -10,7 +10,6 @@ from flax import nnx
 
 from slim_jax.core.clustering import (
     ClusterStats,
-    distance,
     empty_clusters,
     init_from_tokens,
     max_z,
@@ -165,28 +164,32 @@ class SlimLinear(nnx.Linear):
         weights = self._token_weights(x, token_mask)
         key = self.rngs()
         cfg = self.config
-        fresh = stats.count == 0
         stats = jax.lax.cond(
-            fresh,
-            lambda: init_from_tokens(x, key, cfg.num_clusters, weights),
+            stats.count > 0,
             lambda: update_clusters(stats, x, weights, cfg.momentum),
+            lambda: init_from_tokens(x, key, cfg.num_clusters, weights),
         )
         self.cluster_mean[...] = stats.mean
         self.cluster_var[...] = stats.var
         self.cluster_count[...] = stats.count
-        if cfg.yield_quantile is not None:
-            # EMA of the batch's q-quantile of max_j |z_j| (SlimConfig.yield_quantile).
-            z = jax.lax.stop_gradient(max_z(stats, x, cfg.cluster_eps))
-            batch = token_quantile(z, cfg.yield_quantile, weights)
-            old = self.yield_cutoff[...]
-            m = cfg.momentum
-            self.yield_cutoff[...] = jnp.where(fresh, batch, m * old + (1.0 - m) * batch)
         return stats
 
-    def _threshold(self) -> jax.Array | float:
-        """t of `d(x) = max_j |z_j| - t`: the fixed `yield_threshold` or the running quantile."""
-        if self.config.yield_quantile is None:
-            return self.config.yield_threshold
+    def _threshold(
+        self, z: jax.Array, inputs: jax.Array, token_mask: jax.Array | None
+    ) -> jax.Array | float:
+        """t of `d(x) = max_j |z_j| - t`: the fixed `yield_threshold`, or the running quantile
+        of `z` (`[...]`, the max_j |z_j| of `inputs`), updated first in training mode."""
+        cfg = self.config
+        if cfg.yield_quantile is None:
+            return cfg.yield_threshold
+        if not self.use_running_average:
+            # EMA of the batch's q-quantile (SlimConfig.yield_quantile), started from the batch
+            # that initialised the clusters (count 1 after this call's update).
+            weights = self._token_weights(inputs, token_mask)
+            batch = token_quantile(z, cfg.yield_quantile, weights)
+            old, m = self.yield_cutoff[...], cfg.momentum
+            self.yield_cutoff[...] = jnp.where(self.cluster_count[...] == 1, batch,
+                                               m * old + (1.0 - m) * batch)
         return self.yield_cutoff[...]
 
     def routing_weights(self, inputs: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
@@ -199,10 +202,10 @@ class SlimLinear(nnx.Linear):
         if cfg.yielding:
             stats = self._clusters(inputs, token_mask)
             # Distances are state-derived signals: no gradient flows through them.
-            # SLIM.md s2: d(x) = max_j |x_j - mu_c*,j| / sigma_c*,j - t (t = 1 in the spec).
-            d = jax.lax.stop_gradient(
-                distance(stats, inputs, cfg.cluster_eps, threshold=self._threshold())
-            )
+            # SLIM.md s2: d(x) = max_j |x_j - mu_c*,j| / sigma_c*,j - t (t = 1 in the spec),
+            # `core.clustering.distance` with the max z-scores computed once for t as well.
+            z = jax.lax.stop_gradient(max_z(stats, inputs, cfg.cluster_eps))
+            d = z - self._threshold(z, inputs, token_mask)
             d = jnp.where(stats.count > 0, d, 0.0)  # never-trained clusters do not yield
             logits = yield_logits(logits, d, cfg.num_identity_experts, cfg.yield_strength)
         if cfg.dense_routing:
