@@ -1,124 +1,148 @@
-"""Forward and generation throughput of slim_jax's Llama against transformers' PyTorch Llama.
+"""Forward and greedy-generation throughput of slim_jax's models against transformers' PyTorch ones.
 
-Both run the same random checkpoint (made with transformers, saved, loaded into slim_jax), side by
-side in one process on the same machine, fp32; the logits are compared first so that the timing is
-of two implementations of the same function. Optionally also times greedy generation of the real
-llama2.c model (`$SLIM_JAX_DATA_DIR/tinystories260k`).
+Both sides run the same random checkpoint (made with transformers, saved, loaded into slim_jax),
+in one process, fp32, with the same number of threads (benchmarks/harness.py pins them); the
+logits are compared first, so the timing is of two implementations of one function. The timed
+calls alternate round robin; rows give median [inter-quartile range] and the speed ratio as the
+median of the per-round ratios (min-max). A busy machine is refused (see --allow-busy).
 
-Run (prints a markdown table and one JSON line):
-    python benchmarks/model_forward.py
+    python benchmarks/model_forward.py                          # Llama, hidden 256, 4 layers
     python benchmarks/model_forward.py --hidden 512 --layers 8 --batch 8 --seq 256
+    python benchmarks/model_forward.py --model t5               # T5 (flan-t5 style, gated-gelu)
+    python benchmarks/model_forward.py --threads 1              # the one-core case
 
-Numbers: forward tokens/s = batch * seq / time of one forward (after compilation); generation
-tokens/s = batch * new tokens / time of one `generate` call (prefill included, compilation
-excluded, no early stop). Times are the best of the repeats (the median is in the JSON too).
+Numbers: forward tokens/s = batch * seq / time of one forward (after compilation; for T5, seq is
+the encoder length and the decoder reads --dec-seq tokens); generation tokens/s = batch * new
+tokens / time of one `generate` call (prefill included, compilation excluded, no early stop).
+With --model llama and `$SLIM_JAX_DATA_DIR/tinystories260k`, the real llama2.c model's generation
+speed is printed too (slim_jax only). About a minute at the defaults on an idle 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
-import transformers
-from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from slim_jax.models.generate import generate
-from slim_jax.models.llama import Llama
+import harness  # noqa: E402  (benchmarks/harness.py, beside this file)
 
 
-def _seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
-    """(best, median) wall time of each function after one warm-up call (compilation), the
-    functions taking turns so that both see the same background load. On a shared machine the
-    best time is the least disturbed one, so the tables report it; the JSON has both."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("llama", "t5"), default="llama")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4, help="layers (T5: per stack)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4, help="Llama only")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256, help="forward sequence (T5: encoder) length")
+    parser.add_argument("--dec-seq", type=int, default=64, help="T5 forward decoder length")
+    parser.add_argument("--prompt", type=int, default=16, help="generation prompt length")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--data-dir", default=None, help="data folder (default $SLIM_JAX_DATA_DIR)")
+    harness.add_arguments(parser, repeats=10)
+    return parser.parse_args(argv)
 
 
-def _rates(prefix: str, tokens: int, seconds: dict[str, tuple[float, float]]) -> dict[str, float]:
-    out = {}
-    for name, (best, median) in seconds.items():
-        out[f"{name}_{prefix}_tok_s"] = tokens / best
-        out[f"{name}_{prefix}_tok_s_median"] = tokens / median
-    return out
+def hf_and_ours(args: argparse.Namespace, folder: Path) -> tuple[Any, Any]:
+    """A random transformers model of the configured shape, and slim_jax's load of its files."""
+    import torch
+    import transformers
 
-
-def _hf_model(args: argparse.Namespace, folder: Path) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=4096, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    return model
+    if args.model == "llama":
+        from slim_jax.models.llama import Llama
+
+        config = transformers.LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden,
+            intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
+            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+            max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        hf = transformers.LlamaForCausalLM(config).eval()
+        hf.save_pretrained(folder)
+        return hf, Llama.from_pretrained(folder)
+    from slim_jax.models.t5 import T5
+
+    config = transformers.T5Config(
+        vocab_size=args.vocab, d_model=args.hidden, d_kv=args.hidden // args.heads,
+        d_ff=args.hidden * 11 // 4, num_layers=args.layers, num_decoder_layers=args.layers,
+        num_heads=args.heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    hf = transformers.T5ForConditionalGeneration(config).eval()
+    hf.save_pretrained(folder)
+    return hf, T5.from_pretrained(folder)
 
 
-def bench_forward(args: argparse.Namespace, hf: transformers.LlamaForCausalLM, ours: Llama):
-    tokens = np.random.default_rng(0).integers(3, args.vocab, (args.batch, args.seq))
-    torch_tokens = torch.tensor(tokens)
-    jax_tokens = jnp.asarray(tokens)
-    forward = nnx.jit(lambda m, t: m(t))
+def forward_fns(args: argparse.Namespace, hf: Any, ours: Any
+                ) -> tuple[dict[str, Callable[[], object]], float, int]:
+    """Blocking forward calls of both sides, the largest logit difference, and tokens per call."""
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
 
+    rng = np.random.default_rng(0)
+    enc = rng.integers(3, args.vocab, (args.batch, args.seq))
+    if args.model == "llama":
+        torch_in = {"input_ids": torch.tensor(enc)}
+        jax_in: tuple = (jnp.asarray(enc),)
+    else:
+        dec = rng.integers(3, args.vocab, (args.batch, args.dec_seq))
+        torch_in = {"input_ids": torch.tensor(enc), "decoder_input_ids": torch.tensor(dec)}
+        jax_in = (jnp.asarray(enc), jnp.asarray(dec))
+    forward = nnx.jit(lambda m, *x: m(*x))
     with torch.no_grad():
-        ref = hf(torch_tokens).logits.numpy()
-    got = np.asarray(forward(ours, jax_tokens))
-    max_diff = float(np.abs(got - ref).max())
+        ref = hf(**torch_in).logits.numpy()
+    max_diff = float(np.abs(np.asarray(forward(ours, *jax_in)) - ref).max())
 
-    def run_torch():
+    def run_torch() -> None:
         with torch.no_grad():
-            hf(torch_tokens)
+            hf(**torch_in)
 
-    def run_jax():
-        forward(ours, jax_tokens).block_until_ready()
+    def run_jax() -> None:
+        forward(ours, *jax_in).block_until_ready()
 
-    seconds = _seconds({"torch": run_torch, "slim_jax": run_jax}, args.repeats)
-    return {"max_abs_logit_diff": max_diff,
-            **_rates("forward", args.batch * args.seq, seconds)}
+    return {"slim_jax": run_jax, "torch": run_torch}, max_diff, args.batch * args.seq
 
 
-def bench_generate(args: argparse.Namespace, hf: transformers.LlamaForCausalLM, ours: Llama):
+def generate_fns(args: argparse.Namespace, hf: Any, ours: Any) -> dict[str, Callable[[], object]]:
+    """Blocking greedy generation calls of both sides: exactly --new-tokens per row."""
+    import torch
+
+    if args.model == "llama":
+        from slim_jax.models.generate import generate
+    else:
+        from slim_jax.models.t5_generate import generate
     prompts = np.random.default_rng(1).integers(3, args.vocab, (args.batch, args.prompt))
     torch_prompts = torch.tensor(prompts)
     rows = prompts.tolist()
 
-    def run_torch():
+    def run_torch() -> None:
         with torch.no_grad():
             hf.generate(torch_prompts, attention_mask=torch.ones_like(torch_prompts),
                         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                         do_sample=False, pad_token_id=0)
 
-    def run_jax():
+    def run_jax() -> None:
         generate(ours, rows, max_new_tokens=args.new_tokens, stop_ids=())
 
-    seconds = _seconds({"torch": run_torch, "slim_jax": run_jax}, max(1, args.repeats // 3))
-    return _rates("generate", args.batch * args.new_tokens, seconds)
+    return {"slim_jax": run_jax, "torch": run_torch}
 
 
-def bench_llama2c(args: argparse.Namespace) -> dict[str, float] | None:
+def llama2c_generation(args: argparse.Namespace) -> str | None:
+    """Generation speed of the real llama2.c model (slim_jax only), if the data folder has it."""
     from slim_jax.errors import DataError
+    from slim_jax.models.generate import generate
     from slim_jax.models.llama2c import load_llama2c
     from slim_jax.settings import data_dir
 
@@ -128,51 +152,45 @@ def bench_llama2c(args: argparse.Namespace) -> dict[str, float] | None:
         return None
     model, tok = load_llama2c(folder / "checkpoint_v1.bin")
 
-    def run():
+    def run() -> None:
         generate(model, [""] * args.batch, tokenizer=tok, max_new_tokens=256, stop_ids=())
 
-    return _rates("generate", args.batch * 256, _seconds({"tinystories260k": run}, 3))
+    times = harness.interleave({"tinystories260k": run}, repeats=3)["tinystories260k"]
+    return harness.describe(times, work=args.batch * 256, unit="tok/s")
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256, help="forward sequence length")
-    parser.add_argument("--prompt", type=int, default=16, help="generation prompt length")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--data-dir", default=None, help="data folder (default $SLIM_JAX_DATA_DIR)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    ctx = harness.start(args, __file__, argv)  # before JAX's first computation: pins threads
+    import jax
+    import torch
 
+    harness.torch_threads(ctx.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        hf = _hf_model(args, Path(tmp))
-        ours = Llama.from_pretrained(tmp)
-    result: dict[str, object] = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-                   f"{os.cpu_count()} cores".replace("  ", " "),
-        "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("repeats", "data_dir")},
-    }
-    result.update(bench_forward(args, hf, ours))
-    result.update(bench_generate(args, hf, ours))
-    result.update(bench_llama2c(args) or {})
-
-    print(f"| measure | slim_jax ({result['jax_backend']}) | transformers (torch CPU) |")
-    print("|---|---|---|")
-    print(f"| forward tokens/s | {result['slim_jax_forward_tok_s']:,.0f} | "
-          f"{result['torch_forward_tok_s']:,.0f} |")
-    print(f"| greedy generation tokens/s | {result['slim_jax_generate_tok_s']:,.0f} | "
-          f"{result['torch_generate_tok_s']:,.0f} |")
-    if "tinystories260k_generate_tok_s" in result:
-        print(f"| tinystories260k generation tokens/s | "
-              f"{result['tinystories260k_generate_tok_s']:,.0f} | - |")
+        hf, ours = hf_and_ours(args, Path(tmp))
+    fwd, max_diff, tokens = forward_fns(args, hf, ours)
+    forward_times = harness.interleave(fwd, repeats=args.repeats)
+    generate_times = harness.interleave(generate_fns(args, hf, ours),
+                                        repeats=max(1, args.repeats // 3))
+    rows = [harness.compare(f"{args.model} forward tok/s", forward_times, "slim_jax", "torch",
+                            work=tokens),
+            harness.compare(f"{args.model} greedy generation tok/s", generate_times, "slim_jax",
+                            "torch", work=args.batch * args.new_tokens)]
+    print(f"# config: {args.model}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
+          f"{args.heads} heads, batch {args.batch} x seq {args.seq}"
+          + (f" (decoder {args.dec_seq})" if args.model == "t5" else "")
+          + f"; generation {args.prompt}-token prompts, {args.new_tokens} new tokens; "
+          f"max |logit diff| {max_diff:.2e}; jax {jax.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print(ctx.table(rows))
+    extra = llama2c_generation(args) if args.model == "llama" else None
+    if extra:
+        print(f"tinystories260k generation (slim_jax, batch {args.batch} x 256 new): {extra}")
+    for row in rows:
+        print(row.line())
+    result = {"context": ctx.record(), "config": vars(args), "max_abs_logit_diff": max_diff,
+              "forward_s": forward_times, "generate_s": generate_times,
+              "tinystories260k_generate": extra}
     print(json.dumps(result))
     return result
 
