@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-import harness  # noqa: E402  (benchmarks/harness.py, beside this file)
+import harness  # benchmarks/harness.py, beside this file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4, help="Llama only")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256, help="forward sequence (T5: encoder) length")
+    parser.add_argument("--seq", type=int, default=256,
+                        help="forward sequence (T5: encoder) length")
     parser.add_argument("--dec-seq", type=int, default=64, help="T5 forward decoder length")
     parser.add_argument("--prompt", type=int, default=16, help="generation prompt length")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -176,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                             work=tokens),
             harness.compare(f"{args.model} greedy generation tok/s", generate_times, "slim_jax",
                             "torch", work=args.batch * args.new_tokens)]
-    print(f"# config: {args.model}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
-          f"{args.heads} heads, batch {args.batch} x seq {args.seq}"
+    print(f"# config: {args.model}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} "
+          f"layers, {args.heads} heads, batch {args.batch} x seq {args.seq}"
           + (f" (decoder {args.dec_seq})" if args.model == "t5" else "")
           + f"; generation {args.prompt}-token prompts, {args.new_tokens} new tokens; "
           f"max |logit diff| {max_diff:.2e}; jax {jax.__version__}, torch {torch.__version__} "

@@ -1,7 +1,9 @@
 """Training-step time: SLIM vs plain LoRA vs the frozen forward+backward alone (slim_jax), and a
 PyTorch peft LoRA step of the same model, measured side by side in one run.
 
-    python benchmarks/train_step.py                       # d_model 1024, 8 layers, seq 512
+    python benchmarks/train_step.py                       # d_model 1024, 4 layers, seq 512
+    python benchmarks/train_step.py --threads 1           # the one-core case (both sides)
+    python benchmarks/train_step.py --layers 8            # the deeper model of earlier tables
     python benchmarks/train_step.py --layers 2 --steps 3  # a quicker look
 
 Variants (every adapted model adapts all seven projections q k v o gate up down):
@@ -11,38 +13,39 @@ Variants (every adapted model adapts all seven projections q k v o gate up down)
   frozen  forward + backward through the frozen model alone (gradient to the activations, no
           adapter): the floor under any adapter step.
   torch   transformers' LlamaForCausalLM with peft LoRA r16 on the same modules, AdamW step.
-All fp32, random weights, one batch of random tokens, on the cores this process may use (all, or
-those `taskset -c` leaves it; torch gets as many threads). Each variant is compiled / warmed up
-first; then the timed steps run round robin (one step of each variant per round, so that a
-change in machine load falls on all alike). Reported: the medians of the wall time and of the
-process CPU time (robust on a machine shared with other programs).
+All fp32, random weights, one batch of random tokens. benchmarks/harness.py refuses a busy machine
+(see --allow-busy), pins both sides to the same cores and threads (`--threads N`: the first N
+cores, XLA's pool and torch's threads alike), warms every variant up (compilation), then runs
+the timed steps round robin (one step of each variant per round, rotating which goes first).
+Reported: median [inter-quartile range] seconds per step, and the ratios as medians of the
+per-round ratios (min-max). About 2 to 3 minutes at the defaults on an idle 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+import harness  # benchmarks/harness.py, beside this file
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PATTERN = "(" + "|".join(TARGETS) + ")$"
+VARIANTS = ("frozen", "lora", "slim", "torch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-model", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--ffn", type=int, default=2816, help="SwiGLU hidden size")
@@ -50,37 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (rounds) per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
-    p.add_argument("--variants", default="frozen,lora,slim,torch",
+    p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of frozen,lora,slim,torch")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    harness.add_arguments(p, repeats=5)
+    p.add_argument("--steps", dest="repeats", type=int, help="the same as --repeats")
     return p.parse_args(argv)
-
-
-def time_interleaved(
-    steps: dict[str, Callable[[], object]], warmup: int, rounds: int
-) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
-    """`(wall, cpu)` seconds of each timed call of every step function (each must block until
-    done); cpu is this process's CPU time over all its threads, which other programs on a shared
-    machine do not inflate.
-
-    Every function is first called `warmup` times (compilation); then the timed calls go round
-    robin, one of each per round, so that a change in machine load falls on all variants alike.
-    """
-    warm = {}
-    for name, step in steps.items():
-        start = time.perf_counter()
-        for _ in range(warmup):
-            step()
-        warm[name] = time.perf_counter() - start
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            step()
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return times, warm
 
 
 def batch(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -144,8 +123,7 @@ def torch_variant(args: argparse.Namespace) -> Callable[[], object]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores XLA sees too (taskset)
+    torch.manual_seed(0)  # threads: set by harness.torch_threads, the same as XLA's
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.d_model,
                          intermediate_size=args.ffn, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -171,54 +149,47 @@ def torch_variant(args: argparse.Namespace) -> Callable[[], object]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"frozen", "lora", "slim", "torch"}
+    unknown = set(variants) - set(VARIANTS)
     if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from frozen,lora,slim,torch")
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+    ctx = harness.start(args, __file__, argv)  # before JAX's first computation: pins threads
     import jax
     import torch
 
+    harness.torch_threads(ctx.threads)
     tokens = args.batch * args.seq
-    print(f"# {' '.join(sys.argv)}")
-    print(f"# {platform.platform()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores; "
-          f"jax {jax.__version__} "
-          f"({jax.devices()[0].device_kind}), torch {torch.__version__}; load average "
-          f"{os.getloadavg()[0]:.1f}")
     print(f"# d_model {args.d_model}, {args.layers} layers, {args.heads} heads, ffn {args.ffn}, "
-          f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, rank {args.rank}")
+          f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, rank {args.rank}; jax "
+          f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     steps = {name: torch_variant(args) if name == "torch" else jax_variant(name, args)
              for name in variants}
-    times, warm = time_interleaved(steps, args.warmup, args.steps)
-    results = {}
+    times = harness.interleave(steps, repeats=args.repeats, warmup=args.warmup)
+    rows = []
+    if "lora" in times:
+        rows += [harness.compare(f"{name} step s", times, "lora", name)
+                 for name in variants if name != "lora"]
+    print("| variant | seconds per step: median [IQR] | tokens/s (median) |\n|---|---|---|")
     for name in variants:
-        wall = [w for w, _ in times[name]]
-        cpu = [c for _, c in times[name]]
-        median = statistics.median(wall)
-        results[name] = {"median_s": median, "min_s": min(wall), "times_s": wall,
-                         "median_cpu_s": statistics.median(cpu), "cpu_s": cpu,
-                         "warmup_s": warm[name], "tokens_per_s": tokens / median}
-        print(f"{name:7s} median {median:8.3f} s  min {min(wall):8.3f} s  "
-              f"cpu {statistics.median(cpu):8.3f} s  {tokens / median:9.1f} tok/s  "
-              f"(warm-up incl. compile {warm[name]:.1f} s)")
-    if "lora" in results:
-        base = results["lora"]["median_s"]
-        base_cpu = results["lora"]["median_cpu_s"]
-        for r in results.values():
-            r["vs_lora"] = r["median_s"] / base
-            r["cpu_vs_lora"] = r["median_cpu_s"] / base_cpu
-        print("wall-time ratios to slim_jax LoRA: " + ", ".join(
-            f"{n} {r['vs_lora']:.2f}x" for n, r in results.items()))
-        print("cpu-time ratios to slim_jax LoRA:  " + ", ".join(
-            f"{n} {r['cpu_vs_lora']:.2f}x" for n, r in results.items()))
-    if "slim" in results and "lora" in results:
-        print(f"target SLIM <= 1.3x LoRA: {results['slim']['vs_lora']:.2f}x "
-              f"({'met' if results['slim']['vs_lora'] <= 1.3 else 'MISSED'})")
-    if "torch" in results and "lora" in results:
-        faster = results["torch"]["median_s"] / results["lora"]["median_s"]
-        print(f"target slim_jax LoRA faster than PyTorch peft: {faster:.2f}x "
-              f"({'met' if faster > 1 else 'MISSED'})")
+        print(f"| {name} | {harness.describe(times[name])} | "
+              f"{tokens / harness.Stats.of(times[name]).median:,.0f} |")
+    if rows:
+        print("Speed of slim_jax LoRA against each other variant:")
+        print(ctx.table(rows))
+        for row in rows:
+            print(row.line())
+    by_name = {r.b: r for r in rows}
+    if "slim" in by_name:
+        slim = by_name["slim"].speedup  # t_slim / t_lora per round
+        print(f"TARGET SLIM step <= 1.3x LoRA step: {slim:.2f}x "
+              f"({'met' if slim <= 1.3 else 'MISSED'})")
+    if "torch" in by_name:
+        faster = by_name["torch"].speedup
+        print(f"TARGET slim_jax LoRA step faster than torch peft ({ctx.threads} threads): "
+              f"{faster:.2f}x ({'met' if faster >= 1 else 'MISSED'})")
+    results = {"context": ctx.record(), "args": vars(args) | {"json": str(args.json)},
+               "times_s": times}
     if args.json is not None:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
     return results
 
 
