@@ -27,7 +27,7 @@ Models:
 --t5-layers shrinks both T5 stacks for a quick check of the script itself.
 
     SLIM_JAX_DATA_DIR=../shared/data python benchmarks/lorahub_population.py   # ~6 min idle
-    python benchmarks/lorahub_population.py --models t5-large-real             # ~8 min idle
+    python benchmarks/lorahub_population.py --models t5-large-real             # ~10 min idle
     python benchmarks/lorahub_population.py --models t5-large-real --compile-only --populations 1,16
     python benchmarks/lorahub_population.py --models default --populations 1,16 --json out.json
 """
