@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 BUSY_PER_CORE = 0.25
+WAIT_IDLE_S = 180.0
 
 
 def load_average() -> tuple[float, float, float]:
@@ -84,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
                             "[all]; 1 = the one-core case")
     group.add_argument("--allow-busy", action="store_true",
                        help="run on a busy machine and mark every row BUSY instead of refusing")
+    group.add_argument("--wait-idle", type=float, default=WAIT_IDLE_S,
+                       help=f"seconds to wait for a busy machine to calm down before refusing "
+                            f"[{WAIT_IDLE_S:g}: the 1-min load average of a previous benchmark "
+                            "takes about 1.5 minutes to decay]")
     group.add_argument("--busy-per-core", type=float, default=BUSY_PER_CORE,
                        help=f"busy when the 1-min load average before starting exceeds cores x "
                             f"this [{BUSY_PER_CORE}]")
@@ -169,13 +174,23 @@ class Context:
 
 
 def start(args: argparse.Namespace, script: str, argv: Sequence[str] | None = None) -> Context:
-    """Check the load (refuse or mark), pin threads; call first, before any JAX computation.
+    """Check the load (wait up to --wait-idle seconds, then refuse or mark), pin threads; call
+    first, before any JAX computation.
 
     `script`: the calling script's `__file__`; `argv`: its arguments (default `sys.argv[1:]`),
     together the command recorded in every row."""
     cores_total = os.cpu_count() or 1
     load = load_average()
     busy = busy_reason(load[0], cores_total, args.busy_per_core)
+    waited = 0.0
+    while busy and not args.allow_busy and waited < args.wait_idle:
+        if waited == 0:
+            print(f"# waiting up to {args.wait_idle:g} s for the machine to calm down: {busy}",
+                  flush=True)
+        time.sleep(10.0)
+        waited += 10.0
+        load = load_average()
+        busy = busy_reason(load[0], cores_total, args.busy_per_core)
     if busy and not args.allow_busy:
         raise SystemExit(f"machine busy: {busy}; wait until it is idle, or pass --allow-busy "
                          "to run anyway with every row marked BUSY")

@@ -43,11 +43,24 @@ def test_interleave_times_each_call_with_the_clock():
 
 def test_busy_machine_is_refused_with_one_clear_line(monkeypatch):
     monkeypatch.setattr(harness, "load_average", lambda: (3.0, 2.0, 1.0))
+    monkeypatch.setattr(harness.time, "sleep", lambda s: None)
     monkeypatch.setattr(harness.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(harness, "pin_threads", lambda threads: pytest.fail("pinned when busy"))
     with pytest.raises(SystemExit, match=r"machine busy: 1-min load average 3.00 > 0.50 "
                                          r"\(2 cores x 0.25\).*--allow-busy"):
         harness.start(_args(), script="x/bench.py", argv=[])
+
+
+def test_busy_machine_is_waited_for(monkeypatch, capsys):
+    loads = iter([(3.0, 2.0, 1.0), (1.0, 2.0, 1.0), (0.4, 2.0, 1.0)])
+    sleeps: list[float] = []
+    monkeypatch.setattr(harness, "load_average", lambda: next(loads))
+    monkeypatch.setattr(harness.time, "sleep", sleeps.append)
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(harness, "pin_threads", lambda threads: 2)
+    ctx = harness.start(_args(wait_idle=60), script="x/bench.py", argv=[])
+    assert ctx.busy is None and ctx.load_before[0] == 0.4 and sleeps == [10.0, 10.0]
+    assert "waiting up to 60 s" in capsys.readouterr().out
 
 
 def test_busy_machine_allowed_marks_rows(monkeypatch, capsys):
@@ -72,6 +85,7 @@ def test_idle_machine_starts_unmarked(monkeypatch, capsys):
 
 def test_busy_threshold_is_configurable(monkeypatch):
     monkeypatch.setattr(harness, "load_average", lambda: (0.9, 0.0, 0.0))
+    monkeypatch.setattr(harness.time, "sleep", lambda s: None)
     monkeypatch.setattr(harness.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(harness, "pin_threads", lambda threads: 2)
     assert harness.start(_args(busy_per_core=0.5), script="x/bench.py", argv=[]).busy is None
