@@ -132,7 +132,8 @@ def hlo_categories(hlo: str) -> dict[str, tuple[str, str]]:
             locations[int(m.group(1))] = (int(m.group(2)), int(m.group(3)))
         elif section == "StackFrames" and (m := re.match(
                 r"(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)", stripped)):
-            frames[int(m.group(1))] = (int(m.group(2)), int(m.group(3)))
+            # The printed parent is one above the parent frame's id (0: none), in jaxlib 0.10.
+            frames[int(m.group(1))] = (int(m.group(2)), int(m.group(3)) - 1)
 
     def classify(frame_id: int | None) -> tuple[str, str]:
         seen = set()
@@ -150,7 +151,7 @@ def hlo_categories(hlo: str) -> dict[str, tuple[str, str]]:
                     if category == "linear" and _is_head(frame_id):
                         return "head + loss", where
                     return category, where
-            frame_id = parent if parent != frame_id else None
+            frame_id = parent or None
         return "other", first
 
     def _is_head(frame_id: int) -> bool:
@@ -161,8 +162,6 @@ def hlo_categories(hlo: str) -> dict[str, tuple[str, str]]:
             path = tables["FileNames"].get(file_id, "")
             if "slim_jax" in path:
                 return bool(re.search(r"lm_head|attend\(", linecache.getline(path, lineno)))
-            if parent == frame_id:
-                break
             frame_id = parent
         return False
 
