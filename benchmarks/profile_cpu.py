@@ -13,8 +13,8 @@ slim_jax/models/llama.py's current source lines; see `CATEGORIES`.
 
     python benchmarks/profile_cpu.py                          # forward: model_forward's default
     python benchmarks/profile_cpu.py --target train           # LoRA forward+backward, rank 16
-    python benchmarks/profile_cpu.py --target train --hidden 1024 --heads 16 --kv-heads 16 \\
-        --seq 512 --batch 1 --layers 2                        # train_step.py's layer shape
+    python benchmarks/profile_cpu.py --target train --hidden 1024 --ffn 2816 --heads 16 \\
+        --kv-heads 16 --vocab 32000 --seq 512 --batch 1 --layers 2   # train_step.py's shapes
     nice -n 10 python benchmarks/profile_cpu.py --allow-busy --top 15
 
 Prints a markdown table of the categories (share of the profiled time and milliseconds per
@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=None, help="SwiGLU size [hidden * 8 // 3]")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
@@ -84,7 +85,8 @@ def program(args: argparse.Namespace) -> tuple[Callable, tuple]:
     from slim_jax.models.llama import Llama, LlamaConfig
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=args.hidden * 8 // 3, num_layers=args.layers,
+                         intermediate_size=args.ffn or args.hidden * 8 // 3,
+                         num_layers=args.layers,
                          num_heads=args.heads, num_kv_heads=args.kv_heads,
                          max_position_embeddings=max(args.seq, 16), dtype=args.dtype)
     model = Llama(config, rngs=nnx.Rngs(0))
