@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(f"tinystories260k generation (slim_jax, batch {args.batch} x 256 new): {extra}")
     for row in rows:
         print(row.line())
+    for row, target in zip(rows, (1.0, 1.5), strict=True):  # issue 14's targets
+        print(f"TARGET {row.measure}: slim_jax >= {target:g}x torch ({ctx.threads} threads): "
+              f"{row.speedup:.2f}x ({'met' if row.speedup >= target else 'MISSED'})")
     result = {"context": ctx.record(), "config": vars(args), "max_abs_logit_diff": max_diff,
               "forward_s": forward_times, "generate_s": generate_times,
               "tinystories260k_generate": extra}
