@@ -3,19 +3,21 @@
 What it guarantees, so that a figure in benchmarks/RESULTS.md means what it says:
   - the machine is recorded: CPU model, cores, the 1-minute load average before and after;
   - a busy machine is refused: if the 1-minute load average before starting exceeds
-    `cores * --busy-per-core` (default 0.25 per core: 0.5 on 2 cores), the script exits with one
-    line saying so; `--allow-busy` runs anyway and marks every row `BUSY`;
+    `cores * --busy-per-core` (default 0.25 per core: 0.5 on 2 cores) and stays above for
+    `--wait-idle` seconds (180), the script exits with one line saying so; `--allow-busy` runs
+    anyway and marks every row `BUSY`;
   - both sides get the same threads: `pin_threads` (called before JAX's backend starts) restricts
     the process to the first `--threads` allowed cores (`os.sched_setaffinity`, what `taskset`
     does). XLA's CPU client sizes its intra-op thread pool from that affinity (jaxlib 0.10 has no
     `intra_op_parallelism_threads` flag: XLA aborts on it as unknown), and for one core
-    `--xla_cpu_multi_thread_eigen=false` keeps its matmuls single-threaded too; `torch_threads`
+    `--xla_cpu_multi_thread_eigen=false` keeps its matmuls single-threaded too (checked: XLA's
+    `tf_XLAEigen` pool has 1 thread under --threads 1, 2 under --threads 2); `torch_threads`
     gives PyTorch the same number of intra-op threads;
   - the implementations are interleaved: `interleave` runs one call of each per round, round robin
     with the starting implementation rotated every round, so a change of load falls on all alike;
   - the spread is reported: median and inter-quartile range of the repeats, and the ratio as the
     median of the per-round ratios with their min-max;
-  - every table row carries the command, the date and the load average (`Context.row`).
+  - every table row carries the command, the date and the load average (`Context.table`).
 
 Typical use (see model_forward.py):
     parser = argparse.ArgumentParser(); harness.add_arguments(parser, repeats=10)
