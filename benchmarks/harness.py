@@ -282,7 +282,7 @@ def describe(seconds: Sequence[float], work: float | None = None, unit: str = "/
     s = Stats.of(seconds)
     if work is None:
         return f"{s.median:.3f} [{s.q1:.3f}-{s.q3:.3f}] s"
-    return f"{_num(work / s.median)} [{_num(work / s.q3)}-{_num(work / s.q1)}] {unit}"
+    return f"{_num(work / s.median)} [{_num(work / s.q3)}-{_num(work / s.q1)}] {unit}".rstrip()
 
 
 def _num(x: float) -> str:
