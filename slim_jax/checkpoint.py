@@ -95,8 +95,12 @@ class Checkpointer:
         directory = os.fspath(directory)
         # Local paths are made absolute (orbax needs it); `gs://...` and the like stay as given.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        # A checkpoint is written into `<step>.orbax-checkpoint-tmp-*` and renamed when complete,
+        # so a kill in the middle of a write leaves the previous checkpoints as they were; the
+        # half-written folder is never listed, and is deleted when the next manager opens.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
