@@ -166,8 +166,9 @@ def train_module(
     Args:
       checkpoint_dir: where this module's checkpoints go (every `config.train.save_every`
         steps and on a stop signal); a checkpoint already there is resumed (state and data
-        position), so the records then start after it. None: no checkpoints (an interrupted
-        module starts again from step 0). Delete the folder once the module is saved.
+        position), so the records then start after it (and are empty when the checkpoint
+        already held the finished module). None: no checkpoints (an interrupted module starts
+        again from step 0). Delete the folder once the module is saved.
 
     Raises:
       ConfigError / DataError: bad settings, no examples, fewer examples than one batch.

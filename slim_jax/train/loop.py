@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -286,6 +288,10 @@ def run(
             ckpt.wait()
         if loop.metrics_log.path is not None and loop.metrics_log.path.exists():
             plot_loss(loop.metrics_log.path)
+        if stopped != "preempted" and loop.guard.signal_name is not None:
+            # The signal came after the last step: the run is complete and saved; pass the
+            # signal on to whoever handled it before (by default: the process ends).
+            os.kill(os.getpid(), signal.Signals[loop.guard.signal_name])
         return TrainResult(stopped, trainer.step, loop.history, loop.last_saved,
                            loop.guard.signal_name if stopped == "preempted" else None,
                            cfg.steps, None if ckpt is None else str(ckpt.directory))
