@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -74,6 +75,50 @@ def _rewrap(target: Any, values: Any) -> Any:
     )
 
 
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """The paths (`a/b/0/c`) of the floating-point leaves of `tree` holding a NaN or an infinity.
+
+    Works on numpy and (sharded) JAX arrays and on `nnx.Variable`s; integer leaves are skipped.
+
+    >>> import numpy as np
+    >>> nonfinite_leaves({"w": np.ones(2), "b": {"x": np.array([1.0, np.inf])}, "i": np.arange(2)})
+    ['b/x']
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(plain(tree))
+    bad = []
+    for path, leaf in flat:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jax.dtypes.issubdtype(dtype, jax.numpy.inexact):
+            continue
+        finite = np.isfinite(leaf).all() if isinstance(leaf, np.ndarray) else jax.numpy.isfinite(
+            leaf).all()
+        if not bool(finite):
+            bad.append("/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                                for k in path))
+    return bad
+
+
+def check_finite(tree: Any, source: str) -> None:
+    """Refuse weights with NaN or infinite values, naming the first tensor that has them.
+
+    Raises:
+      CheckpointError: some floating-point leaf of `tree` is not finite.
+
+    >>> import numpy as np
+    >>> try:
+    ...     check_finite({"layer": {"kernel": np.array([np.nan])}}, "m.safetensors")
+    ... except CheckpointError as err:
+    ...     print(str(err).split(";")[0])
+    m.safetensors holds NaN or infinite values in tensor 'layer/kernel'
+    """
+    bad = nonfinite_leaves(tree)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source} holds NaN or infinite values in tensor {bad[0]!r}{more}; "
+                              "the file is corrupt or was written by a diverged run: use another "
+                              "checkpoint")
+
+
 class Checkpointer:
     """Save and restore the named pytrees of a training run, one folder per step.
 
@@ -95,8 +140,12 @@ class Checkpointer:
         directory = os.fspath(directory)
         # Local paths are made absolute (orbax needs it); `gs://...` and the like stay as given.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        # A checkpoint is written into `<step>.orbax-checkpoint-tmp-*` and renamed when complete,
+        # so a kill in the middle of a write leaves the previous checkpoints as they were; the
+        # half-written folder is never listed, and is deleted when the next manager opens.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

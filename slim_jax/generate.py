@@ -10,8 +10,10 @@ empty input). Decoding is greedy unless `--temperature` is above 0 (then `--top-
 apply).
 
 Only the generated text goes to stdout; warnings go to stderr. Bad input (a missing path, a hub
-id that cannot be fetched offline, an adapter that does not fit) prints one line on stderr saying
-what to fix and exits with status 2.
+id that cannot be fetched offline, an adapter that does not fit, NaN or infinite weights, a
+`--max-new-tokens` whose KV cache cannot fit in memory) prints one line on stderr saying what to
+fix, naming the flag, and exits with status 2. A prompt plus `--max-new-tokens` longer than the
+model's positions is refused, except for RoPE models, which extrapolate (with a warning).
 
 Examples:
     python -m slim_jax.generate tinystories260k/checkpoint_v1.bin --max-new-tokens 200
@@ -27,15 +29,21 @@ from __future__ import annotations
 
 # jax, flax and the models are imported inside `run`, so --help and usage errors answer at once.
 import argparse
+import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from flax import nnx
 
 PROG = "python -m slim_jax.generate"
 DTYPES = ("float32", "bfloat16")
+FLAGS = {"allow_pickle=True": "--allow-pickle", "max_new_tokens": "--max-new-tokens",
+         "top_p": "--top-p", "temperature": "--temperature"}
+"""Library argument names in error messages, and the flags the user sets them with."""
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -93,9 +101,11 @@ def run(args: argparse.Namespace) -> str:
     import jax.numpy as jnp
     from flax import nnx
 
+    from slim_jax.errors import ConfigError
     from slim_jax.models.loading import generator_for, load_model
     from slim_jax.settings import locate
 
+    check_args(args)
     find = lambda path: None if path is None else locate(path, args.data_dir)
     model_path = find(args.model)
     # The jnp scalar types, as the library's defaults are: equal configs share compiled programs.
@@ -103,27 +113,177 @@ def run(args: argparse.Namespace) -> str:
     model, tokenizer = load_model(model_path, tokenizer=find(args.tokenizer),
                                   dtype=dtype, param_dtype=dtype, allow_pickle=args.allow_pickle)
     if args.adapter is not None:
-        _attach(model, find(args.adapter), args)
+        _attach(model, find(args.adapter), model_path, args)
+    prompt_tokens = len(tokenizer.encode(args.prompt)) + 1  # and BOS (or T5's EOS)
+    check_cache_fits(model, prompt_tokens, args.max_new_tokens)
+    check_positions(model, prompt_tokens, args.max_new_tokens)
     # Inference mode: dropout off, SLIM cluster statistics frozen, dynamic merging on.
     model = nnx.view(model, deterministic=True, use_running_average=True,
                      raise_if_not_found=False)
-    generation = generator_for(model)(
-        model, [args.prompt], tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, key=jax.random.key(args.seed))
+    try:
+        generation = generator_for(model)(
+            model, [args.prompt], tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, key=jax.random.key(args.seed))
+    except jax.errors.JaxRuntimeError as err:  # the safety net under check_cache_fits
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        raise ConfigError(f"out of device memory generating {args.max_new_tokens} tokens: lower "
+                          f"--max-new-tokens ({str(err).splitlines()[0][:200]})") from err
     return generation.texts[0]
 
 
-def _attach(model: nnx.Module, adapter: str, args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers before anything is loaded, naming the flag.
+
+    >>> check_args(build_parser().parse_args(["m", "--top-p", "0"]))
+    Traceback (most recent call last):
+    ...
+    slim_jax.errors.ConfigError: --top-p must be in (0, 1], got 0.0
+    """
+    from slim_jax.errors import ConfigError
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def check_positions(model: Any, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation longer than the model's positions (`max_position_embeddings`), unless
+    its positions are rotary (`rope_theta`): RoPE extrapolates, often badly, so then warn.
+
+    Raises:
+      ConfigError: prompt plus `--max-new-tokens` beyond the positions of a non-RoPE model.
+    """
+    from slim_jax.errors import ConfigError
+
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    total = prompt_tokens + max_new_tokens
+    if limit is None or total <= limit:
+        return
+    what = (f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} = "
+            f"{total} positions exceed the model's {limit} (max_position_embeddings)")
+    if getattr(config, "rope_theta", None) is None:
+        raise ConfigError(f"{what}; lower --max-new-tokens to {max(limit - prompt_tokens, 0)} "
+                          "or shorten the prompt")
+    print(f"{PROG}: warning: {what}; its rotary positions extrapolate, but text beyond "
+          f"{limit} tokens is usually poor", file=sys.stderr)
+
+
+def kv_cache_bytes(model: Any, rows: int, length: int) -> int | None:
+    """Bytes of the decoding cache of `rows` rows of `length` positions (from the shapes of
+    `model.init_cache`, nothing allocated); None for a model without `init_cache`.
+
+    >>> from flax import nnx
+    >>> from slim_jax.models.llama import Llama, LlamaConfig
+    >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                   num_heads=2, num_kv_heads=1)
+    >>> kv_cache_bytes(Llama(cfg, rngs=nnx.Rngs(0)), 1, 10**9) // 10**9  # bytes per position
+    68
+
+    (keys and values of 2 layers, 1 head of 4 float32 each: 64 bytes, and an int32 segment id.)
+    """
+    import jax
+
+    if not hasattr(model, "init_cache"):
+        return None
+    shapes = jax.eval_shape(lambda: model.init_cache(rows, length))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def memory_bytes() -> int:
+    """Memory of the first device (its allocator limit), or of the host for a CPU."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_cache_fits(model: Any, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation whose KV cache (prompt bucket + new tokens) and weights cannot fit in
+    memory, naming the size it needs.
+
+    Raises:
+      ConfigError: the cache would not fit; the message names `--max-new-tokens`.
+    """
+    import jax
+    from flax import nnx
+
+    from slim_jax.errors import ConfigError
+    from slim_jax.models.generate import bucket_length
+
+    length = bucket_length(prompt_tokens, minimum=16) + max_new_tokens
+    cache = kv_cache_bytes(model, 1, length)
+    if cache is None:
+        return
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+    have = memory_bytes()
+    if cache + weights > have:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} needs a KV cache of {_size(cache)} ({length} "
+            f"positions) besides {_size(weights)} of weights, more than the {_size(have)} of "
+            f"memory of this {jax.devices()[0].platform.upper()}: lower --max-new-tokens")
+
+
+def _size(n: float) -> str:
+    """A byte count for people: `_size(2.4e12)` is '2.4 TB'."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def same_model_path(recorded: str, given: str, model_path: str,
+                    data_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether the base model an adapter records is the one loaded: the same name
+    (`peft_io.same_base_model`), or both resolve to the same file or folder, or one is the
+    llama2.c checkpoint file inside the other (`tinystories260k` ~ `tinystories260k/ckpt.bin`,
+    what slim_finetune records for its own adapters).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> (d / "m.bin").write_bytes(b"")
+    0
+    >>> same_model_path(str(d), "m.bin", str(d / "m.bin"), None)
+    True
+    >>> same_model_path("org/other", "m.bin", str(d / "m.bin"), None)
+    False
+    """
+    from slim_jax.models.peft_io import same_base_model
+    from slim_jax.settings import locate
+
+    if same_base_model(recorded, given):
+        return True
+    try:
+        theirs = Path(locate(recorded, data_dir)).expanduser()
+    except OSError:
+        return False
+    mine = Path(model_path).expanduser()
+    if not (theirs.exists() and mine.exists()):
+        return False
+    theirs, mine = theirs.resolve(), mine.resolve()
+    return (theirs == mine or (mine.is_file() and mine.parent == theirs)
+            or (theirs.is_file() and theirs.parent == mine))
+
+
+def _attach(model: nnx.Module, adapter: str, model_path: str, args: argparse.Namespace) -> None:
     """Attach the adapter; a PEFT adapter recorded for another base model is worth a warning
     when it loads, and a hint in the error when it does not."""
     from slim_jax.errors import SlimJaxError
     from slim_jax.models.adapter_io import attach_adapter, find_adapter
-    from slim_jax.models.peft_io import read_peft_config, same_base_model
+    from slim_jax.models.peft_io import read_peft_config
 
     source = find_adapter(adapter, allow_pickle=args.allow_pickle)
     recorded = (read_peft_config(source.directory).base_model_name_or_path
                 if source.format == "peft" else None)
-    other_base = bool(recorded) and not same_base_model(recorded, args.model)
+    other_base = bool(recorded) and not same_model_path(recorded, args.model, model_path,
+                                                        args.data_dir)
     try:
         attach_adapter(model, source, allow_pickle=args.allow_pickle)
     except SlimJaxError as err:
@@ -135,6 +295,17 @@ def _attach(model: nnx.Module, adapter: str, args: argparse.Namespace) -> None:
         print(f"{PROG}: warning: the adapter {adapter} was trained on {recorded!r}, not "
               f"{args.model!r}; its output may be meaningless on another base model",
               file=sys.stderr)
+
+
+def cli_words(message: str) -> str:
+    """An error message with the library's argument names replaced by this command's flags.
+
+    >>> cli_words("pytorch_model.bin (with allow_pickle=True); --temperature, temperature")
+    'pytorch_model.bin (with --allow-pickle); --temperature, --temperature'
+    """
+    for name, flag in FLAGS.items():  # whole words only: "--temperature" stays as it is
+        message = re.sub(rf"(?<![-\w]){re.escape(name)}(?![\w])", flag, message)
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         text = run(args)
     except (SlimJaxError, OSError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"{PROG}: error: {cli_words(' '.join(str(err).split()))}", file=sys.stderr)
         return 2
     print(text)
     return 0

@@ -18,14 +18,15 @@ import torch
 import transformers
 from flax import nnx
 
+from slim_jax.errors import ConfigError
 from slim_jax.eval import eval_view
-from slim_jax.generate import PROG, main
+from slim_jax.generate import PROG, check_positions, main
 from slim_jax.models import t5_generate
 from slim_jax.models.adapter_io import save_adapter_checkpoint
 from slim_jax.models.generate import generate
 from slim_jax.models.llama import Llama
 from slim_jax.models.llama2c import load_llama2c
-from slim_jax.models.peft_io import load_peft
+from slim_jax.models.peft_io import load_peft, save_peft
 from slim_jax.models.t5 import T5
 from slim_jax.nn import LoRAConfig, SlimConfig, adapted_layers, inject
 from slim_jax.tokenizer import HFTokenizer
@@ -234,4 +235,108 @@ def test_usage_errors_are_one_line(hf_llama, capsys):
     err = _one_line_error(capsys, base, "--dtype", "float16")
     assert "invalid choice: 'float16'" in err
     err = _one_line_error(capsys, base, "--max-new-tokens", "0")
-    assert "max_new_tokens must be >= 1" in err
+    assert "--max-new-tokens must be >= 1, got 0" in err
+    err = _one_line_error(capsys, base, "--top-p", "1.5")
+    assert "--top-p must be in (0, 1], got 1.5" in err
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _poison(file: Path, name: str, value: float) -> None:
+    """Write `value` into the first entry of tensor `name` of a safetensors file."""
+    import safetensors.numpy
+
+    arrays = safetensors.numpy.load_file(file)
+    arrays[name] = arrays[name].copy()
+    arrays[name].flat[0] = value
+    safetensors.numpy.save_file(arrays, file)
+
+
+def test_nonfinite_weights_are_refused_naming_the_tensor(hf_llama, tmp_path, capsys):
+    base, adapter = hf_llama
+    bad_base = _copy(base, tmp_path / "base")
+    _poison(bad_base / "model.safetensors", "model.layers.1.mlp.up_proj.weight", np.nan)
+    err = _one_line_error(capsys, bad_base, "--prompt", PROMPT)
+    assert "NaN or infinite values in tensor 'model.layers.1.mlp.up_proj.weight'" in err
+    bad_adapter = _copy(adapter, tmp_path / "adapter")
+    name = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    _poison(bad_adapter / "adapter_model.safetensors", name, np.inf)
+    err = _one_line_error(capsys, base, "--adapter", bad_adapter, "--prompt", PROMPT)
+    assert f"NaN or infinite values in tensor '{name}'" in err
+
+
+def test_nonfinite_checkpoint_adapter_is_refused_naming_the_tensor(hf_llama, tmp_path, capsys):
+    base, _ = hf_llama
+    model = Llama.from_pretrained(base)
+    inject(model, r"q_proj$", LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(2))
+    path, layer = sorted(adapted_layers(model).items())[0]
+    layer.lora_b.set_value(layer.lora_b.get_value().at[0, 0].set(jnp.nan))
+    save_adapter_checkpoint(model, tmp_path / "checkpoints", step=3)
+    err = _one_line_error(capsys, base, "--adapter", tmp_path / "checkpoints", "--prompt", PROMPT)
+    assert "(step 3) holds NaN or infinite values in tensor" in err
+    assert f"{path}/lora_b" in err
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_with_its_size(shared_data, capsys):
+    err = _one_line_error(capsys, shared_data / STORY, "--max-new-tokens", "1000000000")
+    assert "--max-new-tokens 1000000000 needs a KV cache of 1.3 TB (1000000016 positions)" in err
+
+
+def test_generation_beyond_the_positions_warns_for_rope_and_fails_otherwise(shared_data, capsys):
+    code, out, err = _cli(capsys, shared_data / STORY, "--max-new-tokens", "600")
+    assert code == 0 and out
+    assert err == (f"{PROG}: warning: the prompt (1 tokens) plus --max-new-tokens 600 = 601 "
+                   "positions exceed the model's 512 (max_position_embeddings); its rotary "
+                   "positions extrapolate, but text beyond 512 tokens is usually poor\n")
+
+    class Learned:  # a model with learned absolute positions: nothing beyond them
+        config = type("Config", (), {"max_position_embeddings": 512})()
+
+    with pytest.raises(ConfigError, match=r"601 positions exceed the model's 512 .* lower "
+                                          r"--max-new-tokens to 511 or shorten the prompt"):
+        check_positions(Learned(), 1, 600)
+    check_positions(Learned(), 12, 500)  # fits
+
+
+def test_pickle_weights_name_the_flag(hf_llama, tmp_path, capsys):
+    base, _ = hf_llama
+    import safetensors.torch
+
+    folder = _copy(base, tmp_path / "pickled")  # the same model, its weights as a pickle
+    weights = folder / "model.safetensors"
+    torch.save(safetensors.torch.load_file(weights), folder / "pytorch_model.bin")
+    weights.unlink()
+    err = _one_line_error(capsys, folder)
+    assert "--allow-pickle" in err and "allow_pickle" not in err
+
+
+def test_an_adapter_recorded_for_the_folder_of_the_checkpoint_does_not_warn(shared_data,
+                                                                          tmp_path, capsys):
+    # slim_finetune records `--model.path tinystories260k` (the folder); generate is given the
+    # checkpoint file in it: the same model.
+    model, _ = load_llama2c(shared_data / STORY)
+    inject(model, r"q_proj$", LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(0))
+    for recorded in ("tinystories260k", "someone/other-model"):
+        save_peft(model, tmp_path / recorded, base_model_name_or_path=recorded)
+        code, out, err = _cli(capsys, STORY, "--data-dir", shared_data, "--adapter",
+                              tmp_path / recorded, "--max-new-tokens", "8")
+        assert code == 0 and out
+        if recorded == "tinystories260k":
+            assert err == ""
+        else:
+            assert "was trained on 'someone/other-model'" in err and err.count("\n") == 1
+
+
+def test_paths_of_the_wrong_kind_are_one_line(hf_llama, tmp_path, capsys):
+    base, _ = hf_llama
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    err = _one_line_error(capsys, base, "--adapter", not_a_folder)
+    assert str(not_a_folder) in err
+    err = _one_line_error(capsys, STORY, "--data-dir", not_a_folder)
+    assert str(not_a_folder) in err

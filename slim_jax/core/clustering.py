@@ -7,6 +7,9 @@ and yields routing weight to the identity experts.
 
 Every function takes tokens as `x: [..., d_in]` (any leading axes) and is jit- and vmap-able. The
 statistics are state, never parameters: `update_clusters` stops gradients on its inputs and output.
+Everything is computed in float32 whatever the tokens' dtype, and distances to the centres as
+`sum_j (x_j - mu_j)^2` directly: the expansion `|mu|^2 - 2 x.mu` cancels catastrophically when the
+activations share a large offset (|x| ~ 50 picked the wrong centre for a quarter of the tokens).
 """
 
 from __future__ import annotations
@@ -67,9 +70,11 @@ def init_from_tokens(
     """Initial statistics from a first batch: C random tokens as centres, the batch variance.
 
     SLIM.md s2: centres "randomly initialised from the first batch". Centres are C distinct tokens
-    drawn uniformly among those with non-zero weight (padding is never drawn unless fewer than C
-    real tokens exist); every centre's variance is the weighted per-channel variance of the batch.
-    When the batch holds fewer than C tokens, tokens are drawn with replacement.
+    drawn uniformly among those with non-zero weight (padding is never drawn); every centre's
+    variance is the weighted per-channel variance of the batch. When the batch holds fewer than
+    C real tokens, real tokens are drawn with replacement. A batch without
+    a real token (all weights 0: all padding) initialises nothing: it returns `empty_clusters`
+    (`count = 0`), so the next batch with real tokens initialises instead.
 
     Args:
       x: `[..., d_in]` tokens.
@@ -78,37 +83,48 @@ def init_from_tokens(
       token_weights: `[...]` weight per token (0 = padding); None counts every token.
 
     Returns:
-      `ClusterStats` with `count = 1`.
+      `ClusterStats` with `count = 1` (0 when no token has weight).
 
     >>> x = jnp.arange(12.0).reshape(6, 2)
     >>> s = init_from_tokens(x, jax.random.key(0), 3)
     >>> s.mean.shape, s.var[0].tolist(), int(s.count)
     ((3, 2), [11.666..., 11.666...], 1)
+    >>> int(init_from_tokens(x, jax.random.key(0), 3, jnp.zeros(6)).count)  # all padding
+    0
     """
     flat, w = _flatten(x, token_weights)
     num_tokens = flat.shape[0]
+    valid = (w > 0).astype(jnp.float32)
+    probs = jnp.where(valid.sum() > 0, valid, 1.0)
+    key, spare_key = jax.random.split(key)
+    # With replacement, among the real tokens: for batches with fewer than C of them.
+    spare = jax.random.choice(spare_key, num_tokens, (num_clusters,), p=probs / probs.sum())
     if num_tokens >= num_clusters:
         # Gumbel top-k: C distinct tokens, uniform among weighted ones.
         logp = jnp.where(w > 0, 0.0, -jnp.inf)
         gumbel = jax.random.gumbel(key, (num_tokens,))
         _, index = jax.lax.top_k(logp + gumbel, num_clusters)
+        index = jnp.where(w[index] > 0, index, spare)  # never a padding token as a centre
     else:
-        valid = (w > 0).astype(jnp.float32)
-        probs = jnp.where(valid.sum() > 0, valid, 1.0)
-        index = jax.random.choice(key, num_tokens, (num_clusters,), p=probs / probs.sum())
+        index = spare
     total = jnp.maximum(w.sum(), 1e-12)
     batch_mean = (w @ flat) / total
     batch_var = (w @ jnp.square(flat - batch_mean)) / total
+    real = w.sum() > 0
+    empty = empty_clusters(num_clusters, flat.shape[1])
     stats = ClusterStats(
-        mean=flat[index],
-        var=jnp.broadcast_to(batch_var, (num_clusters, flat.shape[1])),
-        count=jnp.ones((), jnp.int32),
+        mean=jnp.where(real, flat[index], empty.mean),
+        var=jnp.where(real, jnp.broadcast_to(batch_var, empty.var.shape), empty.var),
+        count=real.astype(jnp.int32),
     )
     return jax.tree.map(jax.lax.stop_gradient, stats)
 
 
 def nearest_cluster(stats: ClusterStats, x: jax.Array) -> jax.Array:
-    """Index of the nearest centre (Euclidean) of every token.
+    """Index of the nearest centre (Euclidean) of every token, in float32.
+
+    `c*(x) = argmin_c sum_j (x_j - mu_c,j)^2`, summed as written (a fused elementwise reduction,
+    `T C d_in` operations: cheap for the C = 8 of SLIM), never through `|mu|^2 - 2 x.mu`.
 
     Args:
       stats: cluster statistics, mean `[C, d_in]`.
@@ -123,9 +139,8 @@ def nearest_cluster(stats: ClusterStats, x: jax.Array) -> jax.Array:
     """
     x = x.astype(jnp.float32)
     mean = stats.mean.astype(jnp.float32)
-    # |x - mu|^2 = |x|^2 - 2 x.mu + |mu|^2; |x|^2 is the same for every centre.
-    scores = jnp.sum(jnp.square(mean), axis=-1) - 2.0 * x @ mean.T
-    return jnp.argmin(scores, axis=-1).astype(jnp.int32)
+    squared = jnp.sum(jnp.square(x[..., None, :] - mean), axis=-1)  # [..., C] = |x - mu_c|^2
+    return jnp.argmin(squared, axis=-1).astype(jnp.int32)
 
 
 def update_clusters(
@@ -177,16 +192,44 @@ def update_clusters(
     return ClusterStats(mean=mean, var=var, count=stats.count + 1)
 
 
-def max_z(stats: ClusterStats, x: jax.Array, eps: float = 1e-6) -> jax.Array:
+def cluster_sigma(stats: ClusterStats, eps: float = 1e-6, sigma_floor: float = 0.0) -> jax.Array:
+    """The per-channel standard deviations that z-scores divide by, floored relative to the layer.
+
+    `sigma_c,j = sqrt(max(var_c,j, (f s)^2) + eps)`, with `s^2 = mean_{c,j} var_c,j` the layer's
+    typical variance and f = `sigma_floor`: a dead channel (variance ~0) gets f times the typical
+    standard deviation instead of `sqrt(eps)`, so a 0.01 wiggle in it is not read as 10 sigma.
+
+    Args:
+      stats: cluster statistics, var `[C, d_in]`.
+      eps: added to the variance before the square root (numerical safety only).
+      sigma_floor: f >= 0, relative to the layer's typical standard deviation (0: no floor).
+
+    Returns:
+      `[C, d_in]` float32.
+
+    >>> s = ClusterStats(jnp.zeros((1, 4)), jnp.array([[0.0, 4.0, 4.0, 4.0]]), jnp.array(1))
+    >>> cluster_sigma(s, eps=0.0, sigma_floor=0.5).tolist()  # typical sigma sqrt(3) ~ 1.73
+    [[0.866..., 2.0, 2.0, 2.0]]
+    """
+    var = stats.var.astype(jnp.float32)
+    floor = jnp.square(sigma_floor) * jnp.mean(var)  # (f s)^2
+    return jnp.sqrt(jnp.maximum(var, floor) + eps)
+
+
+def max_z(
+    stats: ClusterStats, x: jax.Array, eps: float = 1e-6, sigma_floor: float = 0.0
+) -> jax.Array:
     """The largest per-channel z-score of every token at its nearest centre c*.
 
-    `max_j |x_j - mu_c*,j| / sigma_c*,j` with `sigma = sqrt(var + eps)`; `distance` subtracts
-    the threshold from it.
+    `max_j |x_j - mu_c*,j| / sigma_c*,j` with sigma from `cluster_sigma` (`sqrt(var + eps)`,
+    floored at `sigma_floor` times the layer's typical standard deviation); `distance` subtracts
+    the threshold from it. Computed in float32 whatever the dtype of `x`.
 
     Args:
       stats: cluster statistics.
       x: `[..., d_in]` tokens.
       eps: added to the variance before the square root.
+      sigma_floor: see `cluster_sigma`.
 
     Returns:
       `[...]` float32.
@@ -197,7 +240,8 @@ def max_z(stats: ClusterStats, x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """
     x = x.astype(jnp.float32)
     c = nearest_cluster(stats, x)
-    z = jnp.abs(x - stats.mean[c]) * jax.lax.rsqrt(stats.var[c] + eps)
+    sigma = cluster_sigma(stats, eps, sigma_floor)
+    z = jnp.abs(x - stats.mean.astype(jnp.float32)[c]) / sigma[c]
     return jnp.max(z, axis=-1)
 
 
@@ -239,7 +283,11 @@ def token_quantile(
 
 
 def distance(
-    stats: ClusterStats, x: jax.Array, eps: float = 1e-6, threshold: float | jax.Array = 1.0
+    stats: ClusterStats,
+    x: jax.Array,
+    eps: float = 1e-6,
+    threshold: float | jax.Array = 1.0,
+    sigma_floor: float = 0.0,
 ) -> jax.Array:
     """The out-of-domain distance of every token to its nearest centre c*.
 
@@ -254,6 +302,7 @@ def distance(
       x: `[..., d_in]` tokens.
       eps: added to the variance before the square root.
       threshold: t, in standard deviations (`SlimConfig.yield_threshold`).
+      sigma_floor: see `cluster_sigma` (`SlimConfig.cluster_sigma_floor`).
 
     Returns:
       `[...]` float32 distances.
@@ -264,7 +313,7 @@ def distance(
     >>> distance(s, jnp.array([[0.0, 6.0]]), eps=0.0, threshold=3.0).tolist()
     [0.0]
     """
-    return max_z(stats, x, eps) - threshold
+    return max_z(stats, x, eps, sigma_floor) - threshold
 
 
 def yield_logits(

@@ -8,6 +8,13 @@ the reference's file order, which fixes the draws).
 `train_module` fits a fresh LoRA adapter (PEFT's initialisation: A Kaiming-uniform, B zero) on one
 task's (prompt, completion) pairs with `slim_jax.train.Trainer` (cross-entropy on the completion
 and its EOS) and returns it as a `LoRAModule`; `save_module` writes it as a PEFT adapter directory.
+
+Interruptions: a module whose training a stop signal ended early (SIGTERM, SIGINT, SLURM's
+SIGUSR1) is never returned: `train_module` raises `TrainingInterrupted` (one line, naming the
+module and its checkpoint), so a caller cannot record it as finished. With `checkpoint_dir` the
+interrupted module's state is saved there and the next `train_module` call with the same folder
+continues from it. `save_module` writes into a temporary folder renamed into place when complete,
+so a module folder that exists is always whole.
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 from flax import nnx
 
+from slim_jax.checkpoint import Checkpointer
 from slim_jax.core.lora import init_lora_a, init_lora_b
 from slim_jax.data import BatchIterator, Example, load_t0_template, tokenize_examples
 from slim_jax.data.layout import Layout
@@ -145,6 +154,7 @@ def train_module(
     *,
     seed: int = 0,
     devices: Sequence[jax.Device] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[LoRAModule, list[dict[str, float]]]:
     """Train a fresh LoRA module on `examples`: `(module, the trainer's per-step records)`.
 
@@ -153,8 +163,17 @@ def train_module(
     factors come back as a `LoRAModule` named `name`. The model's LoRA layers are then reset
     (zero B), so it computes the base function again.
 
+    Args:
+      checkpoint_dir: where this module's checkpoints go (every `config.train.save_every`
+        steps and on a stop signal); a checkpoint already there is resumed (state and data
+        position), so the records then start after it (and are empty when the checkpoint
+        already held the finished module). None: no checkpoints (an interrupted module starts
+        again from step 0). Delete the folder once the module is saved.
+
     Raises:
       ConfigError / DataError: bad settings, no examples, fewer examples than one batch.
+      TrainingInterrupted: a stop signal ended the training before `config.train.steps`; the
+        module is not returned (its state is in `checkpoint_dir`, when given).
     """
     if not examples:
         raise DataError(f"task {name!r} has no examples to train on")
@@ -166,10 +185,16 @@ def train_module(
                             pack=config.pack)
     reset_adapters(model, seed)  # every module starts from its own seed's initialisation
     trainer = Trainer(model, config.train, devices=devices)
-    result = trainer.fit(batches)
-    module = module_from_model(trainer.model(), name)
-    reset_adapters(model, seed)
-    return module, result.history
+    ckpt = None if checkpoint_dir is None else Checkpointer(checkpoint_dir, keep=1,
+                                                               async_save=False)
+    try:
+        result = trainer.fit(batches, checkpointer=ckpt)
+    finally:
+        reset_adapters(model, seed)
+        if ckpt is not None:
+            ckpt.close()
+    result.check_completed(f"module {name!r}")
+    return module_from_model(trainer.model(), name), result.history
 
 
 def train_task_module(
@@ -181,10 +206,11 @@ def train_task_module(
     data_dir: DataDir = None,
     seed: int = 0,
     devices: Sequence[jax.Device] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[LoRAModule, list[dict[str, float]]]:
     """`train_module` on the T0 template task `task` of the data folder."""
     return train_module(model, layout, load_t0_template(task, data_dir), task, config, seed=seed,
-                        devices=devices)
+                        devices=devices, checkpoint_dir=checkpoint_dir)
 
 
 def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathLike[str], *,
@@ -193,7 +219,9 @@ def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathL
     `adapter_model.safetensors`) for `model`'s architecture; returns the directory.
 
     `model` must carry LoRA layers exactly on the module's layers (`prepare_model`); they hold
-    the module's factors while it is written and get their own back afterwards.
+    the module's factors while it is written and get their own back afterwards. The files are
+    written into `<directory>.partial` and renamed to `directory` once complete (an existing
+    `directory` is replaced), so a kill in the middle never leaves a folder that looks whole.
     """
     from slim_jax.models.peft_io import save_peft
 
@@ -203,14 +231,21 @@ def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathL
                            f"model's LoRA layers are {sorted(layers)[:3]}...: not the same layers")
     saved = {path: (layer.lora_a.get_value(), layer.lora_b.get_value())
              for path, layer in layers.items()}
+    final = Path(directory)
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an earlier kill
     try:
         for path, layer in layers.items():
             a, b = module.factors[path]
             layer.lora_a.set_value(jax.numpy.asarray(a, layer.lora_a.dtype))
             layer.lora_b.set_value(jax.numpy.asarray(b, layer.lora_b.dtype))
-        save_peft(model, directory, base_model_name_or_path=base_model_name_or_path)
+        save_peft(model, partial, base_model_name_or_path=base_model_name_or_path)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
     finally:
+        shutil.rmtree(partial, ignore_errors=True)
         for path, layer in layers.items():
             layer.lora_a.set_value(saved[path][0])
             layer.lora_b.set_value(saved[path][1])
-    return Path(directory)
+    return final

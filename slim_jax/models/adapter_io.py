@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from slim_jax.checkpoint import META, Checkpointer, plain
+from slim_jax.checkpoint import META, Checkpointer, check_finite, plain
 from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.models import hf, peft_io
 from slim_jax.nn import LoRAConfig, LoRALinear, SlimConfig, adapted_layers, inject, module_path
@@ -374,6 +374,7 @@ def load_adapter_checkpoint(
         except CheckpointError as err:
             raise CheckpointError(f"the adapter state of {source} (step {step}) does not fit "
                                   f"this {type(model).__name__}: {err}") from err
+    check_finite(items, f"{source} (step {step})")  # NaN/Inf refused, naming the tensor
     nnx.update(model, items[ADAPTERS_ITEM], items[STATE_ITEM])
     return list(adapted_layers(model))
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from slim_jax.checkpoint import check_finite
 from slim_jax.errors import CheckpointError
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -241,6 +242,7 @@ def load_safetensors(
         else:
             raise CheckpointError(f"{path} holds several pickle files ({', '.join(pickles)}) and "
                                   f"no {PICKLE_INDEX}: pass the one file to load")
+    check_finite(arrays, str(path))  # NaN/Inf weights are refused at load, naming the tensor
     if cast is None:
         return arrays
     return {k: v.astype(cast) if jnp.issubdtype(v.dtype, jnp.floating) else v

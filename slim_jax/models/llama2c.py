@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from slim_jax.checkpoint import check_finite
 from slim_jax.errors import CheckpointError, DataError
 from slim_jax.models.hf import assign_params
 from slim_jax.models.llama import Llama, LlamaConfig
@@ -171,6 +172,7 @@ def load_llama2c(
     (1, True, 4)
     """
     config, params = read_llama2c_checkpoint(checkpoint_path)
+    check_finite(params, str(checkpoint_path))  # NaN/Inf weights are refused, naming the tensor
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     assign_params(model, params, source=str(checkpoint_path))

@@ -106,7 +106,11 @@ class SlimConfig:
         `ClusterState` `yield_cutoff`), so that about a fraction 1 - q of in-domain tokens
         yield whatever d_in and the tails of the layer's activations. A calibration of the
         spec's distance, not in the paper.
-      cluster_eps: added to the variances in `d(x)`.
+      cluster_eps: added to the variances in `d(x)` (numerical safety only).
+      cluster_sigma_floor: f >= 0: in `d(x)` no channel's sigma is below f times the layer's
+        typical standard deviation (the root mean of its cluster variances), so a dead channel
+        (variance ~0) does not turn a tiny deviation into a huge z-score; 0 turns it off
+        (`core.clustering.cluster_sigma`).
       dropmerge_p: dynamic-merging drop rate p in `[0, 1)`, used at inference; 0 turns it off.
       dropmerge_rescale: DARE's `1 / (1 - p)` rescale of the masked delta.
       param_dtype, dtype: as in `LoRAConfig`.
@@ -132,6 +136,7 @@ class SlimConfig:
     yield_threshold: float = 1.0
     yield_quantile: float | None = None
     cluster_eps: float = 1e-6
+    cluster_sigma_floor: float = 0.1
     dropmerge_p: float = 0.0
     dropmerge_rescale: bool = True
     param_dtype: DType = "float32"
@@ -176,6 +181,9 @@ class SlimConfig:
             )
         if not self.cluster_eps > 0:
             raise ConfigError(f"cluster_eps must be > 0, got {self.cluster_eps!r}")
+        if not self.cluster_sigma_floor >= 0:
+            raise ConfigError(f"cluster_sigma_floor must be >= 0 (a fraction of the layer's "
+                              f"typical standard deviation), got {self.cluster_sigma_floor!r}")
         if not 0.0 <= self.dropmerge_p < 1.0:
             raise ConfigError(
                 f"dropmerge_p must be in [0, 1) (the fraction of the delta dropped), got "

@@ -45,7 +45,7 @@ class SlimLinear(nnx.Linear):
 
     Modes, as `nnx.BatchNorm` (`model.train()`, `model.eval()`, `nnx.view(model, ...)`):
       `use_running_average=False` (training): the cluster statistics follow the tokens by EMA
-        (initialised from the first batch); no masking.
+        (initialised from the first batch with a real token); no masking.
       `use_running_average=True` (inference): statistics frozen; with `dropmerge_p > 0` fresh
         channel masks are drawn on every call from the module's random stream (collection
         "slim", reseed with `nnx.reseed(model, slim=seed)`). A layer whose clusters never saw
@@ -184,12 +184,13 @@ class SlimLinear(nnx.Linear):
             return cfg.yield_threshold
         if not self.use_running_average:
             # EMA of the batch's q-quantile (SlimConfig.yield_quantile), started from the batch
-            # that initialised the clusters (count 1 after this call's update).
+            # that initialised the clusters (count 1 after this call's update); kept while the
+            # clusters wait for a batch with real tokens (count 0).
             weights = self._token_weights(inputs, token_mask)
             batch = token_quantile(z, cfg.yield_quantile, weights)
-            old, m = self.yield_cutoff[...], cfg.momentum
-            self.yield_cutoff[...] = jnp.where(self.cluster_count[...] == 1, batch,
-                                               m * old + (1.0 - m) * batch)
+            old, m, count = self.yield_cutoff[...], cfg.momentum, self.cluster_count[...]
+            ema = jnp.where(count == 1, batch, m * old + (1.0 - m) * batch)
+            self.yield_cutoff[...] = jnp.where(count > 0, ema, old)
         return self.yield_cutoff[...]
 
     def routing_weights(self, inputs: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
@@ -197,14 +198,16 @@ class SlimLinear(nnx.Linear):
         cfg = self.config
         if self.router is None:
             return jnp.ones((*inputs.shape[:-1], 1), jnp.float32)
-        dtype = compute_dtype(cfg.dtype, self.dtype, inputs, self.router[...])
-        logits = (inputs.astype(dtype) @ self.router[...].astype(dtype)).astype(jnp.float32)
+        # Router logits in float32 whatever the compute dtype: top-k and yielding compare them.
+        logits = jnp.matmul(inputs.astype(jnp.float32), self.router[...].astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
         if cfg.yielding:
             stats = self._clusters(inputs, token_mask)
             # Distances are state-derived signals: no gradient flows through them.
             # SLIM.md s2: d(x) = max_j |x_j - mu_c*,j| / sigma_c*,j - t (t = 1 in the spec),
             # `core.clustering.distance` with the max z-scores computed once for t as well.
-            z = jax.lax.stop_gradient(max_z(stats, inputs, cfg.cluster_eps))
+            z = jax.lax.stop_gradient(
+                max_z(stats, inputs, cfg.cluster_eps, cfg.cluster_sigma_floor))
             d = z - self._threshold(z, inputs, token_mask)
             d = jnp.where(stats.count > 0, d, 0.0)  # never-trained clusters do not yield
             logits = yield_logits(logits, d, cfg.num_identity_experts, cfg.yield_strength)

@@ -4,12 +4,17 @@ Files, one job each: `config` (dataclasses), `optimizer` (AdamW, warm-up + cosin
 `loss` (target cross-entropy), `forward` (logits with SLIM token masks), `state` (TrainState,
 splitting the model), `step` (one update under `jax.jit`), `trainer` (the `Trainer`: sharded
 state, step, save/restore), `loop` (the fit loop), `metrics` (MFU, JSONL), `progress` (bar),
-`plot` (loss curve), `preemption` (SIGTERM).
+`plot` (loss curve), `preemption` (stop signals: SIGTERM, SIGINT, SLURM's SIGUSR1).
 """
 
 from slim_jax.train.config import OptimizerConfig, TrainConfig
 from slim_jax.train.forward import masked_batch_logits
-from slim_jax.train.loop import NonFiniteLossError, ResumableBatches, TrainResult
+from slim_jax.train.loop import (
+    NonFiniteLossError,
+    ResumableBatches,
+    TrainingInterrupted,
+    TrainResult,
+)
 from slim_jax.train.loss import target_cross_entropy
 from slim_jax.train.metrics import MetricsLog, read_metrics, training_flops_per_token
 from slim_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -30,6 +35,7 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "Trainer",
+    "TrainingInterrupted",
     "cast_floating",
     "compile_train_step",
     "learning_rate_schedule",

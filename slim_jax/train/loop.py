@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -35,6 +37,18 @@ class NonFiniteLossError(SlimJaxError):
     """The loss (or gradient) became NaN or infinite; the run stopped before applying it."""
 
 
+class TrainingInterrupted(SlimJaxError):
+    """A stop signal ended training early; its state is saved (see `TrainResult.check_completed`).
+
+    Attributes:
+      result: the `TrainResult` of the interrupted run.
+    """
+
+    def __init__(self, message: str, result: TrainResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 @runtime_checkable
 class ResumableBatches(Protocol):
     """An iterator of this process's batch slices whose position can be saved and restored
@@ -52,17 +66,56 @@ class TrainResult:
     """What a run did.
 
     Attributes:
-      stopped: "completed" (reached `config.steps`), "preempted" (SIGTERM: saved and stopped),
-        or "data_exhausted" (the batches ran out first).
+      stopped: "completed" (reached `config.steps`), "preempted" (a stop signal: saved and
+        stopped), or "data_exhausted" (the batches ran out first).
       step: optimiser updates applied in total (including those before a resume).
       history: one record per step of this run: step, loss, ce, l1, grad_norm, lr, tokens, ...
       checkpoint_step: the newest checkpoint written or restored, or None.
+      signal: the signal that stopped a "preempted" run ("SIGTERM", "SIGINT", "SIGUSR1").
+      steps: the steps the run was asked for (`config.steps`).
+      checkpoint_dir: where the checkpoints are, or None without checkpoints.
     """
 
     stopped: Stop
     step: int
     history: list[dict[str, Any]]
     checkpoint_step: int | None
+    signal: str | None = None
+    steps: int | None = None
+    checkpoint_dir: str | None = None
+
+    def summary(self, what: str = "training") -> str:
+        """One line saying how the run ended and what is saved.
+
+        >>> TrainResult("preempted", 43, [], 40, "SIGTERM", 60, "/ckpt").summary()
+        'training stopped by SIGTERM at step 43 of 60; checkpoint of step 40 saved in /ckpt'
+        """
+        if self.stopped == "completed":
+            return f"{what} completed {self.step} steps"
+        cause = f"stopped by {self.signal or 'a signal'}" if self.stopped == "preempted" else (
+            "ran out of data")
+        of = "" if self.steps is None else f" of {self.steps}"
+        saved = ("; no checkpoint (no run_dir / checkpointer)" if self.checkpoint_step is None
+                 else f"; checkpoint of step {self.checkpoint_step} saved in "
+                      f"{self.checkpoint_dir}")
+        return f"{what} {cause} at step {self.step}{of}{saved}"
+
+    def check_completed(self, what: str = "training",
+                        resume: str = "run the same command again to resume") -> TrainResult:
+        """This result if the run was not stopped by a signal; else raise `TrainingInterrupted`
+        with a one-line message (the summary and how to resume), for the caller to print.
+
+        >>> TrainResult("completed", 4, [], 4).check_completed().step
+        4
+        >>> try:
+        ...     TrainResult("preempted", 2, [], 2, "SIGINT", 4, "ck").check_completed("x", "rerun")
+        ... except TrainingInterrupted as err:
+        ...     print(err)
+        x stopped by SIGINT at step 2 of 4; checkpoint of step 2 saved in ck; rerun
+        """
+        if self.stopped == "preempted":
+            raise TrainingInterrupted(f"{self.summary(what)}; {resume}", self)
+        return self
 
 
 @dataclasses.dataclass
@@ -91,14 +144,17 @@ class _Loop:
         self.progress = Progress(cfg.steps, enabled=False)
         self.history: list[dict[str, Any]] = []
         self.last_saved: int | None = None
+        self.guard = PreemptionGuard()
         self._clock: float | None = None
 
     def position(self) -> dict[str, Any] | None:
         return self.batches.state() if self.resumable else None  # type: ignore[union-attr]
 
     def resume(self) -> None:
-        """Restore the newest checkpoint and the data position, if there is one."""
+        """Restore the newest checkpoint and the data position, if there is one; drop the
+        metrics of later steps (written before a kill), so that no step is logged twice."""
         if self.ckpt is None or self.ckpt.latest_step() is None:
+            self.metrics_log.truncate(self.trainer.step)
             return
         meta = self.trainer.restore(self.ckpt)
         self.last_saved = self.trainer.step
@@ -108,6 +164,7 @@ class _Loop:
         elif not self.resumable:
             log.warning("resumed at step %d, but the batches cannot be positioned: the data "
                         "starts from its beginning", self.trainer.step)
+        self.metrics_log.truncate(self.trainer.step)
 
     def save(self) -> None:
         if self.ckpt is not None and self.trainer.save(self.ckpt, self.position()):
@@ -172,30 +229,31 @@ class _Loop:
     def _steps(self) -> Stop:
         trainer, cfg = self.trainer, self.trainer.config
         pending: _Pending | None = None
-        with PreemptionGuard() as guard:
-            while trainer.step < cfg.steps:
-                before = self.position()
-                try:
-                    local = next(self.batches)
-                except StopIteration:
-                    self.finish_pending(pending)
-                    if self.last_saved != trainer.step:
-                        self.save()
-                    return "data_exhausted"
-                metrics = trainer.train_step(local)
-                self.finish_pending(pending)  # the previous step, while this one runs
-                tokens = batch_tokens(dict(local)) * trainer.info.process_count
-                pending = _Pending(trainer.step, metrics, before, local, tokens)
-                preempted = guard.reached(trainer.step)
-                due = cfg.save_every > 0 and trainer.step % cfg.save_every == 0
-                if preempted or due or trainer.step == cfg.steps:
-                    self.finish(pending)  # never save a step before knowing it is finite
-                    pending = None
+        guard = self.guard
+        while trainer.step < cfg.steps:
+            before = self.position()
+            try:
+                local = next(self.batches)
+            except StopIteration:
+                self.finish_pending(pending)
+                if self.last_saved != trainer.step:
                     self.save()
-                if preempted:
-                    log.warning("SIGTERM: saved step %d and stopped", trainer.step)
-                    return "preempted"
-            self.finish_pending(pending)
+                return "data_exhausted"
+            metrics = trainer.train_step(local)
+            self.finish_pending(pending)  # the previous step, while this one runs
+            tokens = batch_tokens(dict(local)) * trainer.info.process_count
+            pending = _Pending(trainer.step, metrics, before, local, tokens)
+            preempted = guard.reached(trainer.step)
+            due = cfg.save_every > 0 and trainer.step % cfg.save_every == 0
+            if preempted or due or trainer.step == cfg.steps:
+                self.finish(pending)  # never save a step before knowing it is finite
+                pending = None
+                self.save()
+            if preempted:
+                log.warning("%s: saved step %d and stopped", guard.signal_name,
+                            trainer.step)
+                return "preempted"
+        self.finish_pending(pending)
         return "completed"
 
     def finish_pending(self, pending: _Pending | None) -> None:
@@ -222,14 +280,21 @@ def run(
                             async_save=cfg.async_checkpoint)
     try:
         loop = _Loop(trainer, batches, ckpt)
-        if resume:
-            loop.resume()
-        stopped = loop.run()
+        with loop.guard:  # a stop signal during the restore stops after the first step
+            if resume:
+                loop.resume()
+            stopped = loop.run()
         if ckpt is not None:
             ckpt.wait()
         if loop.metrics_log.path is not None and loop.metrics_log.path.exists():
             plot_loss(loop.metrics_log.path)
-        return TrainResult(stopped, trainer.step, loop.history, loop.last_saved)
+        if stopped != "preempted" and loop.guard.signal_name is not None:
+            # The signal came after the last step: the run is complete and saved; pass the
+            # signal on to whoever handled it before (by default: the process ends).
+            os.kill(os.getpid(), signal.Signals[loop.guard.signal_name])
+        return TrainResult(stopped, trainer.step, loop.history, loop.last_saved,
+                           loop.guard.signal_name if stopped == "preempted" else None,
+                           cfg.steps, None if ckpt is None else str(ckpt.directory))
     finally:
         if own and ckpt is not None:
             ckpt.close()

@@ -133,6 +133,43 @@ class MetricsLog:
                 f.write(line)
 
 
+    def truncate(self, step: int) -> int:
+        """Drop the records of steps after `step` (a run resumed from the checkpoint of `step`
+        redoes them); returns how many were dropped. The file is replaced atomically.
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     log = MetricsLog(os.path.join(d, "metrics.jsonl"))
+        ...     for s in (1, 2, 3):
+        ...         log.write({"step": s, "loss": 1.0})
+        ...     log.truncate(2), [r["step"] for r in read_metrics(log.path)]
+        (1, [1, 2])
+        """
+        if self.path is None or not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and _step_of(ln) <= step]
+        dropped = sum(1 for ln in lines if ln.strip()) - len(kept)
+        if dropped or len(kept) != len(lines):
+            text = "".join(ln if ln.endswith("\n") else ln + "\n" for ln in kept)
+            if self._remote:
+                self._lines = [text] if text else []
+                self.path.write_text(text)
+            else:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, self.path)
+        return dropped
+
+
+def _step_of(line: str) -> float:
+    """The `step` of a metrics line; a line cut short by a kill counts as after every step."""
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a metrics file, in order."""
     text = epath.Path(path).read_text()

@@ -198,12 +198,16 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         resume: bool = True,
     ) -> TrainResult:
-        """Train until `config.steps` updates, the end of the data, or SIGTERM.
+        """Train until `config.steps` updates, the end of the data, or a stop signal.
 
-        Resumes from the newest checkpoint (state and data position) when there is one. Saves
-        every `save_every` steps, at the end and on SIGTERM (then stops cleanly: `stopped ==
-        "preempted"`); process 0 writes `metrics.jsonl` and `loss.png` into `run_dir` and shows
-        a progress bar with loss, tokens/s and MFU.
+        Resumes from the newest checkpoint (state and data position) when there is one, and
+        drops the `metrics.jsonl` records of later steps (a kill after them), so every step is
+        logged once. Saves every `save_every` steps, at the end, and on SIGTERM, SIGINT or
+        SLURM's SIGUSR1 (`train.preemption`): then it stops cleanly with `stopped ==
+        "preempted"` and the signal's name in `result.signal`; `result.check_completed()` turns
+        that into a one-line `TrainingInterrupted` for a command line to print. Process 0 writes
+        `metrics.jsonl` and `loss.png` into `run_dir` and shows a progress bar with loss,
+        tokens/s and MFU.
 
         Args:
           batches: this process's batch slices; a `ResumableBatches` (`slim_jax.data.

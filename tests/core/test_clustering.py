@@ -9,6 +9,7 @@ import pytest
 
 from slim_jax.core.clustering import (
     ClusterStats,
+    cluster_sigma,
     distance,
     empty_clusters,
     init_from_tokens,
@@ -147,3 +148,71 @@ def test_yield_checks_its_arguments():
         update_clusters(empty_clusters(2, 3), jnp.ones((4, 3)), jnp.ones(5))
     with pytest.raises(ConfigError, match="momentum"):
         update_clusters(empty_clusters(2, 3), jnp.ones((4, 3)), None, 1.5)
+
+
+def numpy_max_z(mean, var, x, eps=1e-6, floor=0.0):
+    """max_j |x_j - mu_c*,j| / sigma_c*,j in float64, sigma floored at floor * the layer's typical
+    standard deviation (the root mean of the variances)."""
+    mean, var, x = (np.asarray(a, np.float64) for a in (mean, var, x))
+    near = np.argmin(((x[..., None, :] - mean) ** 2).sum(-1), axis=-1)
+    sigma = np.sqrt(np.maximum(var, floor**2 * var.mean()) + eps)
+    return near, np.max(np.abs(x - mean[near]) / sigma[near], axis=-1)
+
+
+def test_an_all_padding_first_batch_initialises_nothing():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    stats = jax.jit(init_from_tokens, static_argnums=2)(x, jax.random.key(1), 3, jnp.zeros((2, 5)))
+    empty = empty_clusters(3, 4)
+    assert int(stats.count) == 0  # the next batch with a real token initialises instead
+    np.testing.assert_array_equal(stats.mean, empty.mean)
+    np.testing.assert_array_equal(stats.var, empty.var)
+    one_real = jnp.zeros((2, 5)).at[1, 2].set(1.0)
+    again = init_from_tokens(x, jax.random.key(1), 3, one_real)
+    assert int(again.count) == 1
+    np.testing.assert_array_equal(again.mean, np.broadcast_to(x[1, 2], (3, 4)))
+
+
+def test_a_dead_channel_does_not_decide_the_distance():
+    rng = np.random.default_rng(3)
+    d = 16
+    mean = rng.normal(size=(2, d)).astype(np.float32)
+    var = rng.uniform(0.5, 2.0, size=(2, d)).astype(np.float32)
+    var[:, 5] = 0.0  # a channel that never moved while the clusters were fitted
+    x = mean[0] + 0.5 * np.sqrt(var[0]) * rng.choice([-1.0, 1.0], size=d)
+    x[5] = mean[0, 5] + 0.01  # a tiny wiggle in the dead channel
+    x = x.astype(np.float32)[None]
+    stats = ClusterStats(jnp.asarray(mean), jnp.asarray(var), jnp.array(1))
+    _, unfloored = numpy_max_z(mean, var, x)
+    assert unfloored[0] == pytest.approx(10.0, rel=1e-3)  # sqrt(1e-6): the old absolute floor
+    near, want = numpy_max_z(mean, var, x, floor=0.1)
+    got = jax.jit(max_z, static_argnums=(2, 3))(stats, jnp.asarray(x), 1e-6, 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert float(got[0]) < 1.0 and int(near[0]) == 0  # the in-domain token stays in-domain
+    np.testing.assert_allclose(distance(stats, jnp.asarray(x), 1e-6, 1.0, 0.1), want - 1.0,
+                               rtol=1e-5)
+    sigma = cluster_sigma(stats, 1e-6, 0.1)
+    np.testing.assert_allclose(sigma[:, 5], 0.1 * np.sqrt(var.mean()), rtol=1e-3)
+    np.testing.assert_allclose(sigma[:, 0], np.sqrt(var[:, 0] + 1e-6), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nearest_centre_is_exact_under_a_large_common_offset(dtype):
+    # Activations with a common offset ~50 and centres ~0.3 apart: the expansion
+    # |mu|^2 - 2 x.mu cancelled away the differences (27% wrong in f32, 88% in bf16).
+    rng = np.random.default_rng(4)
+    d, c, t = 64, 8, 512
+    offset = 50.0 + rng.normal(size=d)
+    mean = (offset + 0.3 * rng.normal(size=(c, d))).astype(np.float32)
+    x = jnp.asarray(offset + 0.3 * rng.normal(size=(t, d)), dtype)
+    var = np.full((c, d), 0.09, np.float32)
+    stats = ClusterStats(jnp.asarray(mean), jnp.asarray(var), jnp.array(1))
+    tokens = np.asarray(x.astype(jnp.float32))  # the values the layer sees, exactly
+    near, want = numpy_max_z(mean, var, tokens)
+    np.testing.assert_array_equal(jax.jit(nearest_cluster)(stats, x), near)
+    z = jax.jit(max_z)(stats, x)
+    assert z.dtype == jnp.float32
+    np.testing.assert_allclose(z, want, rtol=1e-4)
+    updated = update_clusters(stats, x, None, 0.9)  # assigns through the same nearest centre
+    ref_mean, ref_var = numpy_update(mean, var, tokens, np.ones(t, np.float32), 0.9)
+    np.testing.assert_allclose(updated.mean, ref_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updated.var, ref_var, rtol=1e-3, atol=1e-5)
