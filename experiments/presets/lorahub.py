@@ -27,29 +27,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from experiments.presets.common import ModelSpec
 from slim_jax.errors import ConfigError
 from slim_jax.lorahub.protocol import ProtocolConfig
 
 CPU_TASKS: tuple[str, ...] = (
     "boolean_expressions", "navigate", "sports_understanding", "web_of_lies")
 ALL = ("all",)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The base model (`slim_jax.models.loading.load_model`).
-
-    Attributes:
-      path: a Hugging Face model folder or hub id (Llama family, T5 / FLAN-T5), or a llama2.c
-        checkpoint file (its tokenizer.bin beside it); a relative path that does not exist as
-        given is looked up in the data folder.
-      dtype: compute dtype ("float32", "bfloat16").
-      param_dtype: parameter dtype of the loaded base.
-    """
-
-    path: str = "tinystories260k/checkpoint_v1.bin"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +141,7 @@ class LoRAHubExperiment:
     data_dir: str | None = None
     progress: bool = True
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     modules: ModulesSpec = ModulesSpec()
     upstream: UpstreamSpec = UpstreamSpec()
     bbh: BBHSpec = BBHSpec()
@@ -186,7 +170,7 @@ class UpstreamExperiment:
     overwrite: bool = False
     progress: bool = True
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     upstream: UpstreamSpec = UpstreamSpec()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from experiments.presets.common import ModelSpec
 from experiments.slim_methods import METHODS
 from slim_jax.errors import ConfigError
 from slim_jax.nn import SlimConfig
@@ -39,24 +40,6 @@ AG_NEWS_TEMPLATES: tuple[str, ...] = (
 )
 ALL_PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj$"
 POD_MODEL = "openchat/openchat-3.6-8b-20240522"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The base model.
-
-    Attributes:
-      kind: "llama2c" (a folder with llama2.c's checkpoint_v1.bin and tokenizer.bin) or "hf"
-        (a Hugging Face Llama-family checkpoint: local folder or hub id).
-      path: the folder or hub id; a relative llama2c folder is looked up in the data folder.
-      dtype: compute dtype ("float32", "bfloat16").
-      param_dtype: parameter dtype of the loaded base.
-    """
-
-    kind: Literal["llama2c", "hf"] = "llama2c"
-    path: str = "tinystories260k"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +148,8 @@ class SlimExperiment:
       methods: methods to compare (see experiments/slim_methods.py).
       seeds: seeds; each method trains once per seed (adapter init, data order, masks).
       out: the run folder (created; results, plots, adapters, config and command go there);
-        none: runs/slim_finetune/<preset>-<time>.
+        none: runs/slim_finetune/<preset>-<time>. The same folder again resumes its run.
+      overwrite: delete and redo a finished run in `out` (otherwise refused).
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
       targets: regex over linear-layer paths that get adapters.
       num_devices: devices to use (0: all).
@@ -187,12 +171,13 @@ class SlimExperiment:
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
     out: str | None = None
+    overwrite: bool = False
     data_dir: str | None = None
     targets: str = ALL_PROJECTIONS
     num_devices: int = 0
     workers: int = 1
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     task: TaskSpec = TaskSpec()
     general: GeneralSpec = GeneralSpec()
     eval: EvalSpec = EvalSpec()
@@ -232,7 +217,7 @@ def _pod(names: tuple[str, ...], preset: str) -> SlimExperiment:
         preset=preset,
         out=f"runs/slim_{preset}",
         num_devices=0,
-        model=ModelSpec(kind="hf", path=POD_MODEL, dtype="bfloat16", param_dtype="bfloat16"),
+        model=ModelSpec(path=POD_MODEL, dtype="bfloat16", param_dtype="bfloat16"),
         task=TaskSpec(kind="commonsense", names=names),
         general=GeneralSpec(kind="benchmarks", benchmarks=("mmlu", "gsm8k", "piqa")),
         eval=EvalSpec(mode="generate", max_new_tokens=32, benchmark_max_new_tokens=256,
