@@ -57,6 +57,8 @@ class UpstreamSpec:
       max_examples: examples per task at most (LoRAHub: 10k); none for all.
       seed: the first module's seed (module i uses seed + i).
       num_devices: devices the trainer uses (0: all); the batch must divide over them.
+      save_every: checkpoint the module in training every this many steps (a stop signal saves
+        it too), so an interrupted module continues where it was.
     """
 
     num_modules: int | None = 24
@@ -74,13 +76,17 @@ class UpstreamSpec:
     max_examples: int | None = None
     seed: int = 0
     num_devices: int = 0
+    save_every: int = 10
 
     def __post_init__(self) -> None:
         if self.num_modules is not None and self.num_modules < 1:
-            raise ConfigError(f"num_modules must be >= 1 or none, got {self.num_modules}")
-        if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise ConfigError("steps, batch_size must be >= 1 and max_length >= 2, got "
-                              f"{self.steps}, {self.batch_size}, {self.max_length}")
+            raise ConfigError(f"--upstream.num-modules must be >= 1 or none, got "
+                              f"{self.num_modules}")
+        for name in ("steps", "batch_size", "max_length", "save_every"):
+            if getattr(self, name) < (2 if name == "max_length" else 0 if name == "save_every"
+                                      else 1):
+                raise ConfigError(f"--upstream.{name.replace('_', '-')} is out of range: "
+                                  f"{getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +131,8 @@ class LoRAHubExperiment:
     Attributes:
       preset: the preset these values started from (recorded; choose it with --preset).
       out: the run folder (created: results.md, results.json, search_progress.png, config,
-        command); none: runs/lorahub_bbh/<preset>-<time>.
+        command); none: runs/lorahub_bbh/<preset>-<time>. The same folder again resumes.
+      overwrite: delete and redo a finished run in `out` (otherwise refused).
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
       progress: show progress bars.
       compilation_cache: folder of JAX's persistent compilation cache; none turns it off.
@@ -138,6 +145,7 @@ class LoRAHubExperiment:
 
     preset: str = "cpu"
     out: str | None = None
+    overwrite: bool = False
     data_dir: str | None = None
     progress: bool = True
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
@@ -154,9 +162,10 @@ class UpstreamExperiment:
 
     Attributes:
       preset: the preset these values started from (recorded; choose it with --preset).
-      out: the module folder; each module goes to <out>/<task> (existing ones are kept).
+      out: the module folder; each module goes to <out>/<task>; the same folder again resumes
+        an interrupted set.
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
-      overwrite: retrain modules that already exist in `out`.
+      overwrite: delete and retrain a finished set in `out` (otherwise refused).
       progress: show a progress bar.
       compilation_cache: folder of JAX's persistent compilation cache (every module compiles
         the same step: the cache makes that once); none turns it off.
