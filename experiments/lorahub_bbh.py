@@ -47,9 +47,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments.base_model import load_base
-from experiments.config_cli import parse_preset_cli
+from experiments.cli import parse_config
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
-from experiments.presets.lorahub import preset as get_preset
 from experiments.run_folder import default_run_folder
 from experiments.run_state import (
     FINISHED,
@@ -57,6 +56,7 @@ from experiments.run_state import (
     mark_finished,
     open_run_folder,
     read_json,
+    refuse_finished,
     stop_message,
     write_atomic,
     write_json,
@@ -82,7 +82,7 @@ PROG = "python -m experiments.lorahub_bbh"
 
 def parse_cli(argv: Sequence[str] | None = None) -> LoRAHubExperiment:
     """The config from the command line: `--preset` first, then field overrides."""
-    return parse_preset_cli(PROG, __doc__, PRESETS, lambda name: get_preset(name)[0], argv)
+    return parse_config(PROG, __doc__, {name: pair[0] for name, pair in PRESETS.items()}, argv)
 
 
 def load_tasks(config: LoRAHubExperiment) -> dict[str, BBHTask]:
@@ -200,6 +200,7 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
     start = time.perf_counter()
     out = run_folder(config)
     check_out(out)
+    refuse_finished(out, overwrite=config.overwrite)  # before minutes of module training
     tasks = load_tasks(config)
     command = shlex.join([*PROG.split(), *argv])
     enable_compilation_cache(config.compilation_cache)
@@ -266,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     with StopSignals() as stop:
         try:
-            config = parse_cli(args)
+            try:
+                config = parse_cli(args)
+            except SystemExit as done:  # --help, or a flag tyro could not read (one line said so)
+                return int(done.code or 0)
             return run_experiment(config, args, stop)
         except SlimJaxError as err:
             print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)

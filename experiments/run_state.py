@@ -78,6 +78,13 @@ def check_out(out: Path, flag: str = "--out") -> None:
                           "you can write to")
 
 
+def refuse_finished(out: Path, *, overwrite: bool, flag: str = "--out") -> None:
+    """Raise ConfigError if `out` holds a finished run and `overwrite` is off."""
+    if (out / FINISHED).exists() and not overwrite:
+        raise ConfigError(f"{flag} {out} holds a finished run; choose a new {flag}, or pass "
+                          "--overwrite to run it again")
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         found = []
@@ -107,9 +114,7 @@ def open_run_folder(out: Path, config: Mapping[str, Any], *, overwrite: bool,
                               "--overwrite deletes only run folders: choose another folder")
         shutil.rmtree(out)
         old = None
-    if (out / FINISHED).exists():
-        raise ConfigError(f"{flag} {out} holds a finished run; choose a new {flag}, or pass "
-                          "--overwrite to run it again")
+    refuse_finished(out, overwrite=False, flag=flag)
     if old is not None:
         changed = _differences(old, config)
         if changed:

@@ -47,8 +47,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from experiments.config_cli import parse_preset_cli
-from experiments.presets.slim import PRESETS, SlimExperiment, preset
+from experiments.cli import parse_config
+from experiments.presets.slim import PRESETS, SlimExperiment
 from experiments.run_folder import default_run_folder
 from experiments.run_state import (
     mark_finished,
@@ -80,7 +80,6 @@ from slim_jax.train.metrics import count_params
 from slim_jax.train.workers import Stopped, StopSignals, WorkerPool, active
 
 PROG = "python -m experiments.slim_finetune"
-CLI_EXCLUDED = (("preset",), ("train", "run_dir"))
 RESULT = "result.json"
 
 
@@ -90,7 +89,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> SlimExperiment:
     Raises:
       ConfigError: an unknown preset, or an override the config's validation rejects.
     """
-    return parse_preset_cli(PROG, __doc__, PRESETS, preset, argv, exclude=CLI_EXCLUDED)
+    return parse_config(PROG, __doc__, PRESETS, argv)
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -316,7 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     with StopSignals() as stop:
         try:
-            config = parse_cli(args)
+            try:
+                config = parse_cli(args)
+            except SystemExit as done:  # --help, or a flag tyro could not read (one line said so)
+                return int(done.code or 0)
             initialize_distributed()  # joins the job when a launcher started several processes
             return run_experiment(config, args, stop)
         except SlimJaxError as err:

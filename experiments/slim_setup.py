@@ -119,6 +119,9 @@ def resolve_inputs(config: SlimExperiment) -> Path | None:
         folder = None
     if folder is not None and config.task.kind == "t0":
         known = sorted(p.stem for p in (folder / "t0_templates").glob("*.jsonl"))
+        if not known:
+            raise DataError(f"data folder {folder} has no t0_templates/*.jsonl: point --data-dir "
+                            f"or ${DATA_DIR_ENV} at a folder laid out like shared/data")
         unknown = [n for n in config.task.names if n not in known]
         if unknown:
             close = [k for k in known if k.startswith(unknown[0].split("_")[0])][:6]

@@ -39,9 +39,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments.base_model import load_base, max_positions
-from experiments.config_cli import parse_preset_cli
+from experiments.cli import parse_config
 from experiments.presets.lorahub import PRESETS, UpstreamExperiment, UpstreamSpec
-from experiments.presets.lorahub import preset as get_preset
 from experiments.run_state import (
     FINISHED,
     mark_finished,
@@ -77,7 +76,7 @@ PARTIAL = ".partial"
 
 def parse_cli(argv: Sequence[str] | None = None) -> UpstreamExperiment:
     """The config from the command line: `--preset` first, then field overrides."""
-    return parse_preset_cli(PROG, __doc__, PRESETS, lambda name: get_preset(name)[1], argv)
+    return parse_config(PROG, __doc__, {name: pair[1] for name, pair in PRESETS.items()}, argv)
 
 
 def training_layout(model: nnx.Module, tokenizer: Tokenizer, max_length: int) -> Layout:
@@ -197,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     with StopSignals() as stop:
         try:
-            config = parse_cli(args)
+            try:
+                config = parse_cli(args)
+            except SystemExit as done:  # --help, or a flag tyro could not read (one line said so)
+                return int(done.code or 0)
             stopped = train_modules(config, args)
         except SlimJaxError as err:
             print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Configuration of `python -m experiments.lorahub_bbh` and of
 `python -m experiments.train_lora_modules`, and their named presets.
 
-Each config is a tree of frozen dataclasses, every field a flag (`experiments.config_cli`); the
+Each config is a tree of frozen dataclasses, every field a flag (`experiments.cli`); the
 LoRAHub protocol itself is the library's `slim_jax.lorahub.ProtocolConfig` (`--protocol.budget
 80`, `--protocol.methods cmaes,cobyla,gradient`).
 

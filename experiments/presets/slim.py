@@ -1,7 +1,7 @@
 """Configuration of `python -m experiments.slim_finetune`, and its named presets.
 
 The experiment's config is a tree of frozen dataclasses (`SlimExperiment`), every field a flag of
-the command line (`experiments.config_cli`). The adapter of the full SLIM method is the library's
+the command line (`experiments.cli`). The adapter of the full SLIM method is the library's
 own `SlimConfig` and the training run its `TrainConfig`, so their fields are overridable as they
 are (`--slim.top-k 1`, `--train.optimizer.learning-rate 1e-3`).
 
