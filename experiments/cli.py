@@ -48,7 +48,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import tyro
@@ -61,8 +61,9 @@ from tyro.constructors import (
 )
 from tyro.constructors._struct_spec_dataclass import dataclass_rule
 
-from slim_jax.errors import ConfigError
+from slim_jax.errors import ConfigError, SlimJaxError
 from slim_jax.settings import DATA_DIR_ENV
+from slim_jax.train.workers import StopSignals
 
 C = TypeVar("C")
 TRUE = ("true", "yes", "1", "on")
@@ -267,6 +268,24 @@ def parse_config(prog: str, doc: str, presets: Mapping[str, C],
         else:
             sys.stderr.write(captured.getvalue())
         raise
+
+
+def run_command(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str]], C],
+                run: Callable[[C, list[str], StopSignals], int]) -> int:
+    """An experiment command's `main`: parse `argv` (default `sys.argv[1:]`), then
+    `run(config, argv, stop)` under `StopSignals`. Returns `run`'s exit status; 0 after
+    `--help`; 2 on bad input, after one line `prog: error: ...` on stderr (no traceback)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    with StopSignals() as stop:
+        try:
+            try:
+                config = parse(args)
+            except SystemExit as done:  # --help, or a flag tyro could not read (one line said so)
+                return int(done.code or 0)
+            return run(config, args, stop)
+        except SlimJaxError as err:
+            print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
 
 
 def _metavar(annotation: Any) -> str:

@@ -47,11 +47,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments.base_model import load_base
-from experiments.cli import parse_config
+from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
 from experiments.run_folder import default_run_folder
 from experiments.run_state import (
-    FINISHED,
     check_out,
     mark_finished,
     open_run_folder,
@@ -61,9 +60,9 @@ from experiments.run_state import (
     write_atomic,
     write_json,
 )
-from experiments.train_lora_modules import chosen_tasks, train_modules
+from experiments.train_lora_modules import chosen_tasks, finished_set, train_modules
 from slim_jax.data import BBHTask, load_bbh
-from slim_jax.errors import CheckpointError, SlimJaxError
+from slim_jax.errors import CheckpointError
 from slim_jax.lorahub.library import LoRAModule, check_modules, find_module, load_module
 from slim_jax.lorahub.protocol import (
     RunResult,
@@ -124,7 +123,7 @@ def ensure_modules(config: LoRAHubExperiment) -> list[str] | None:
     if not config.modules.local_only or config.modules.dir is None:
         return None
     root = Path(config.modules.dir).expanduser().resolve()
-    unfinished = (root / "config.json").is_file() and not (root / FINISHED).is_file()
+    unfinished = (root / "config.json").is_file() and not finished_set(root)
     if module_pool(config)[0] and not unfinished:
         return None
     if not config.modules.train_missing:
@@ -264,17 +263,7 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 when done, 2 on bad input (one line on stderr), 128 + the signal's
     number when a stop signal stopped it (one line says what is saved and how to resume)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    with StopSignals() as stop:
-        try:
-            try:
-                config = parse_cli(args)
-            except SystemExit as done:  # --help, or a flag tyro could not read (one line said so)
-                return int(done.code or 0)
-            return run_experiment(config, args, stop)
-        except SlimJaxError as err:
-            print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-            return 2
+    return run_command(PROG, argv, parse_cli, run_experiment)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from experiments.cli import parse_config
+from experiments.cli import parse_config, run_command
 from experiments.presets.slim import PRESETS, SlimExperiment
 from experiments.run_folder import default_run_folder
 from experiments.run_state import (
@@ -69,7 +69,6 @@ from experiments.slim_setup import (
     write_predictions,
 )
 from slim_jax.data import BatchIterator
-from slim_jax.errors import SlimJaxError
 from slim_jax.eval import eval_view, forgetting_by_measure
 from slim_jax.models.peft_io import save_peft
 from slim_jax.nn import inject
@@ -312,19 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line. Returns 0 when done, 2 on bad input (one line on stderr, no
     traceback), 128 + the signal's number when a stop signal stopped it (checkpoints and
     finished runs saved; one line says how to resume)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    with StopSignals() as stop:
-        try:
-            try:
-                config = parse_cli(args)
-            except SystemExit as done:  # --help, or a flag tyro could not read (one line said so)
-                return int(done.code or 0)
-            initialize_distributed()  # joins the job when a launcher started several processes
-            return run_experiment(config, args, stop)
-        except SlimJaxError as err:
-            message = " ".join(str(err).split())
-            print(f"{PROG}: error: {message}", file=sys.stderr)
-            return 2
+    def run(config: SlimExperiment, args: list[str], stop: StopSignals) -> int:
+        initialize_distributed()  # joins the job when a launcher started several processes
+        return run_experiment(config, args, stop)
+
+    return run_command(PROG, argv, parse_cli, run)
 
 
 if __name__ == "__main__":

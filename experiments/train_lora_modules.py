@@ -38,22 +38,14 @@ import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from experiments import run_state
 from experiments.base_model import load_base, max_positions
-from experiments.cli import parse_config
+from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, UpstreamExperiment, UpstreamSpec
-from experiments.run_state import (
-    FINISHED,
-    mark_finished,
-    open_run_folder,
-    read_json,
-    stop_message,
-    write_atomic,
-    write_json,
-)
 from slim_jax.checkpoint import Checkpointer
 from slim_jax.data import CausalLayout, EncoderDecoderLayout
 from slim_jax.data.layout import Layout
-from slim_jax.errors import DataError, SlimJaxError
+from slim_jax.errors import DataError
 from slim_jax.lorahub.objective import is_encoder_decoder
 from slim_jax.lorahub.upstream import (
     UpstreamConfig,
@@ -122,7 +114,7 @@ def chosen_tasks(spec: UpstreamSpec, data_dir: str | None) -> list[str]:
 
 def finished_set(out: Path) -> bool:
     """Whether `out` holds a finished set of modules."""
-    return (out / FINISHED).is_file()
+    return (out / run_state.FINISHED).is_file()
 
 
 def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[str] | None:
@@ -137,9 +129,9 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
     stop = active() or StopSignals()
     out = Path(config.out).expanduser().resolve()
     tasks = chosen_tasks(config.upstream, config.data_dir)
-    open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
+    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
     if argv:
-        write_atomic(out / "command.txt", shlex.join([*PROG.split(), *argv]) + "\n")
+        run_state.write_atomic(out / "command.txt", shlex.join([*PROG.split(), *argv]) + "\n")
     enable_compilation_cache(config.compilation_cache)
     model, tokenizer, base_name = load_base(config.model.path, config.data_dir,
                                             dtype=config.model.dtype,
@@ -149,7 +141,7 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
     layout = training_layout(model, tokenizer, spec.max_length)
     devices = jax.devices()[:spec.num_devices] if spec.num_devices else None
     prepare_model(model, upstream)
-    manifest: dict[str, Any] = dict((read_json(out / MANIFEST) or {}).get("losses", {}))
+    manifest: dict[str, Any] = dict((run_state.read_json(out / MANIFEST) or {}).get("losses", {}))
     todo = [t for t in tasks if not (out / t / "adapter_config.json").is_file()]
     if len(todo) < len(tasks):
         print(f"{PROG}: {len(tasks) - len(todo)} of {len(tasks)} modules already in {out}; "
@@ -181,36 +173,32 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
         return [f"{done} of {len(tasks)} modules finished in {out}"]
     _write_manifest(out, tasks, manifest)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
-    mark_finished(out)
+    run_state.mark_finished(out)
     return None
 
 
 def _write_manifest(out: Path, tasks: list[str], losses: dict[str, Any]) -> None:
     present = [t for t in tasks if (out / t / "adapter_config.json").is_file()]
-    write_json(out / MANIFEST, {"tasks": present, "losses": losses})
+    run_state.write_json(out / MANIFEST, {"tasks": present, "losses": losses})
+
+
+def run(config: UpstreamExperiment, argv: list[str], stop: StopSignals) -> int:
+    """Train the modules; 0 when all are finished, else print the stop line and return
+    128 + the signal's number."""
+    stopped = train_modules(config, argv)
+    out = Path(config.out).expanduser().resolve()
+    if stopped is not None:
+        print(run_state.stop_message(PROG, stop.requested or "SIGTERM", stopped, argv, out),
+              file=sys.stderr, flush=True)
+        return stop.exit_code
+    print(f"modules in {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 when every module is trained, 2 on bad input (one line on stderr),
     128 + the signal's number when a stop signal stopped it (one line says how to resume)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    with StopSignals() as stop:
-        try:
-            try:
-                config = parse_cli(args)
-            except SystemExit as done:  # --help, or a flag tyro could not read (one line said so)
-                return int(done.code or 0)
-            stopped = train_modules(config, args)
-        except SlimJaxError as err:
-            print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-            return 2
-        if stopped is not None:
-            out = Path(config.out).expanduser().resolve()
-            print(stop_message(PROG, stop.requested or "SIGTERM", stopped, args, out),
-                  file=sys.stderr, flush=True)
-            return stop.exit_code
-    print(f"modules in {Path(config.out).expanduser().resolve()}")
-    return 0
+    return run_command(PROG, argv, parse_cli, run)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ CPU = SlimExperiment(
     slim=SlimConfig(num_lora_experts=4, num_identity_experts=2, top_k=2, rank=4, alpha=8,
                     num_clusters=4, dropmerge_p=0.1, yield_quantile=0.9),
     train=TrainConfig(
-        steps=200, l1_coeff=1e-3, log_every=5, save_every=0, keep_checkpoints=1,
+        steps=200, l1_coeff=1e-3, log_every=5, save_every=20, keep_checkpoints=1,
         async_checkpoint=False, progress=False, mesh=MeshConfig(data=-1),
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20, final_lr_ratio=0.1),
     ),
@@ -226,7 +226,7 @@ def _pod(names: tuple[str, ...], preset: str) -> SlimExperiment:
         slim=SlimConfig(num_lora_experts=8, num_identity_experts=2, top_k=2, rank=16, alpha=32,
                         num_clusters=8, dropmerge_p=0.3),
         train=TrainConfig(
-            steps=1000, l1_coeff=1e-3, log_every=10, save_every=500, keep_checkpoints=1,
+            steps=1000, l1_coeff=1e-3, log_every=10, save_every=100, keep_checkpoints=1,
             frozen_dtype="bfloat16", progress=True, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
             optimizer=OptimizerConfig(learning_rate=2e-4, warmup_steps=100),
         ),

@@ -114,10 +114,10 @@ class StopSignals:
         self._previous.clear()
 
 
-def die_with_parent(grace_s: float = ORPHAN_GRACE_S) -> None:
-    """Make this process get SIGTERM when its parent dies (also by SIGKILL), and exit at most
-    `grace_s` seconds later whatever it is doing."""
-    parent = os.getppid()
+def die_with_parent(parent: int, grace_s: float = ORPHAN_GRACE_S) -> None:
+    """Make this process get SIGTERM when its parent (PID `parent`, as the parent saw itself)
+    dies, also by SIGKILL and also before this call, and exit at most `grace_s` seconds later
+    whatever it is doing."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
@@ -150,21 +150,21 @@ class Outcome:
     status: str = "done"
 
 
-def _worker_main(conn: Connection, init: Callable[..., Any], init_args: tuple[Any, ...],
-                 fn: Callable[..., Any]) -> None:
+def _worker_main(conn: Connection, parent: int, init: Callable[..., Any],
+                 init_args: tuple[Any, ...], fn: Callable[..., Any]) -> None:
     """A worker: set up once with `init(*init_args)`, then run `fn(state, *job)` per job."""
-    die_with_parent()
     with StopSignals() as stop:
+        die_with_parent(parent)
         try:
             with stop.interruptible():
                 state = init(*init_args)
         except Stopped:
-            conn.send(("stopped", None, None))
+            _send(conn, ("stopped", None, None))
             return
         except Exception as err:  # reported to the parent, which raises it
-            conn.send(("error", None, _portable(err)))
+            _send(conn, ("error", None, _portable(err)))
             return
-        conn.send(("ready", None, None))
+        _send(conn, ("ready", None, None))
         while stop.requested is None:
             try:
                 job = conn.recv()
@@ -175,12 +175,18 @@ def _worker_main(conn: Connection, init: Callable[..., Any], init_args: tuple[An
             try:
                 value = fn(state, *job)
             except Stopped:
-                conn.send(("stopped", job, None))
+                _send(conn, ("stopped", job, None))
                 return
             except Exception as err:
-                conn.send(("error", job, _portable(err)))
+                _send(conn, ("error", job, _portable(err)))
                 return
-            conn.send(("done", job, value))
+            _send(conn, ("done", job, value))
+
+
+def _send(conn: Connection, message: tuple[str, Any, Any]) -> None:
+    """Report to the parent; a parent that is gone no longer listens."""
+    with contextlib.suppress(OSError):
+        conn.send(message)
 
 
 def _portable(err: BaseException) -> BaseException:
@@ -218,6 +224,8 @@ class WorkerPool:
           the exception a job raised (after stopping the other workers), or RuntimeError when a
           worker died without reporting.
         """
+        if stop.requested:
+            return
         ctx = multiprocessing.get_context("spawn")
         todo = list(jobs)
         procs: dict[Connection, Any] = {}
@@ -234,7 +242,8 @@ class WorkerPool:
             for _ in range(min(self.workers, len(todo))):
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(target=_worker_main, daemon=True,
-                                   args=(child_end, self.init, self.init_args, self.fn))
+                                   args=(child_end, os.getpid(), self.init, self.init_args,
+                                         self.fn))
                 proc.start()
                 child_end.close()
                 procs[parent_end], running[parent_end] = proc, None

@@ -66,6 +66,7 @@ class Run:
         os.kill(self.proc.pid, sig)
         code = self.proc.wait(TIMEOUT_S)
         _, alive = psutil.wait_procs(self.tree, timeout=60)
+        alive = living(alive)
         for proc in alive:  # a failing test leaves nothing behind
             proc.kill()
         assert not alive, f"processes outlived the command: {[p.pid for p in alive]}"
@@ -135,8 +136,11 @@ def test_slim_finetune_slurm_requeue_sigkill_and_ctrl_c(data, tmp_path):
     assert "resuming from its checkpoint" in (tmp_path / "2.log").read_text()
     assert requeued.signal(signal.SIGKILL) == -signal.SIGKILL
 
+    logged = {p: metrics_lines(p) for p in out.glob("runs/lora/seed*/metrics.jsonl")}
     third = Run(argv, tmp_path / "3.log")
-    third.wait_for(lambda: "resuming" in (tmp_path / "3.log").read_text(), "the resume line")
+    third.wait_for(lambda: any(metrics_lines(p) > n for p, n in logged.items()
+                               if not (p.parent / "result.json").exists()),
+                   "a resumed run's next step")
     assert third.signal(signal.SIGINT) == 128 + signal.SIGINT
     assert "stopped by SIGINT" in stop_line(tmp_path / "3.log")
 
@@ -209,3 +213,15 @@ def test_train_lora_modules_and_lorahub_bbh_tpu_preemption(data, tmp_path):
     assert (out / "tasks/navigate.json").stat().st_mtime_ns == finished
     table = lambda folder: (folder / "results.md").read_text().split("\n\n", 3)[3]
     assert table(out) == table(tmp_path / "bbh_ref")
+
+
+def living(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes still running (an exited one its new parent has not reaped is a zombie)."""
+    found = []
+    for proc in procs:
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
