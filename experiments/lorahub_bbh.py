@@ -9,6 +9,7 @@ tokens; a decoder-only model's prompt is cut from the left so prompt and answer 
 positions). Scores are exact match x 100. The run folder:
 
     <out>/command.txt, config.json     the exact command, the full resolved config
+    <out>/draws.json                   the modules each run composes
     <out>/results.md                   the per-task table with the average over tasks
     <out>/results.json                 every run's modules, weights, objectives, histories
     <out>/search_progress.png          best objective against evaluations, CMA-ES vs COBYLA
@@ -51,18 +52,16 @@ from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
 from experiments.run_folder import default_run_folder
 from experiments.run_state import (
-    check_out,
     mark_finished,
     open_run_folder,
     read_json,
-    refuse_finished,
     stop_message,
     write_atomic,
     write_json,
 )
 from experiments.train_lora_modules import chosen_tasks, finished_set, train_modules
 from slim_jax.data import BBHTask, load_bbh
-from slim_jax.errors import CheckpointError
+from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.lorahub.library import LoRAModule, check_modules, find_module, load_module
 from slim_jax.lorahub.protocol import (
     RunResult,
@@ -77,6 +76,7 @@ from slim_jax.settings import enable_compilation_cache
 from slim_jax.train.workers import Stopped, StopSignals
 
 PROG = "python -m experiments.lorahub_bbh"
+DRAWS = "draws.json"
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> LoRAHubExperiment:
@@ -198,9 +198,10 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
     """
     start = time.perf_counter()
     out = run_folder(config)
-    check_out(out)
-    refuse_finished(out, overwrite=config.overwrite)  # before minutes of module training
+    config = dataclasses.replace(config, out=str(out))
     tasks = load_tasks(config)
+    # Before minutes of module training: a finished run, or another config's, is refused here.
+    open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite, create=False)
     command = shlex.join([*PROG.split(), *argv])
     enable_compilation_cache(config.compilation_cache)
     saved = ensure_modules(config)
@@ -210,15 +211,18 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
         return stop.exit_code
     pool, ids = module_pool(config)
     draws = module_draws(pool, config.protocol.runs, config.protocol.modules_per_run)
-    config = dataclasses.replace(config, out=str(out))
-    open_run_folder(out, {**dataclasses.asdict(config), "draws": draws},
-                    overwrite=config.overwrite)
-    write_atomic(out / "command.txt", command + "\n")
+    earlier = read_json(out / DRAWS) if not config.overwrite else None
+    if earlier is not None and earlier != draws:
+        raise ConfigError(f"--out {out}: the module draws differ from those of the interrupted "
+                          "run there (the module folder changed); pass --overwrite or a new --out")
     model, tokenizer, _ = load_base(config.model.path, config.data_dir, dtype=config.model.dtype,
                                     param_dtype=config.model.param_dtype)
     needed = list(dict.fromkeys(n for draw in draws for n in draw))
     modules = load_modules(config, model, needed, ids)
     check_modules(list(modules.values()))  # different ranks or layers: named, before any task
+    open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
+    write_atomic(out / "command.txt", command + "\n")
+    write_json(out / DRAWS, draws)
 
     results: list[TaskResult] = []
     for name in tasks:

@@ -97,9 +97,10 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def open_run_folder(out: Path, config: Mapping[str, Any], *, overwrite: bool,
-                    flag: str = "--out") -> bool:
+                    flag: str = "--out", create: bool = True) -> bool:
     """Make `out` ready for a run of `config` (JSON-like); return True when it resumes an
-    interrupted run of the same config there.
+    interrupted run of the same config there. With `create=False` only check (nothing is
+    written or deleted), so bad input is refused before long work.
 
     Raises:
       ConfigError: `out` is a file or not writable; it holds a finished run (without
@@ -112,6 +113,8 @@ def open_run_folder(out: Path, config: Mapping[str, Any], *, overwrite: bool,
         if old is None:
             raise ConfigError(f"{flag} {out} is not empty and not a run folder of this command; "
                               "--overwrite deletes only run folders: choose another folder")
+        if not create:
+            return False
         shutil.rmtree(out)
         old = None
     refuse_finished(out, overwrite=False, flag=flag)
@@ -122,8 +125,9 @@ def open_run_folder(out: Path, config: Mapping[str, Any], *, overwrite: bool,
                               f"(different: {', '.join(changed[:6])}); resume it with its own "
                               f"command ({out / 'command.txt'}), or pass --overwrite")
         return True
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG, config)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG, config)
     return False
 
 

@@ -64,6 +64,7 @@ from experiments.slim_setup import (
     Context,
     check_config,
     evaluate_downstream,
+    load_checked,
     prepare,
     resolve_inputs,
     write_predictions,
@@ -216,13 +217,18 @@ def run_experiment(config: SlimExperiment, argv: Sequence[str], stop: StopSignal
     out = (Path(config.out).expanduser() if config.out is not None
            else default_run_folder("slim_finetune", config.preset)).resolve()
     config = dataclasses.replace(config, out=str(out))  # config.json records where it went
-    resumed = open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
     command = shlex.join([*PROG.split(), *argv])
-    write_atomic(out / "command.txt", command + "\n")
+    open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite, create=False)
     enable_compilation_cache(config.compilation_cache)
     clock = time.perf_counter()
+    loaded = load_checked(config, folder)  # lengths against its positions, before any writing
+    if jax.process_index() == 0:  # one process writes the folder (a shared disk)
+        resumed = open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
+        write_atomic(out / "command.txt", command + "\n")
+    else:
+        resumed = (out / "config.json").is_file()
     try:
-        ctx = prepare(config, folder, out)
+        ctx = prepare(config, folder, out, loaded)
     except Stopped:
         print(stop_message(PROG, stop.requested or "SIGTERM", [f"the run folder {out}"], argv,
                            out), file=sys.stderr, flush=True)

@@ -227,15 +227,25 @@ class Context:
         return jax.process_index() == 0
 
 
-def prepare(config: SlimExperiment, folder: Path | None, out: Path) -> Context:
-    """Everything the runs share. The base model is measured once per run folder: its record
-    and stories are saved there, and later processes (workers, a resumed run) read them back, so
-    every run is measured against the very same reference."""
-    devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
+def load_checked(config: SlimExperiment, folder: Path | None
+                 ) -> tuple[nnx.Module, Tokenizer, str]:
+    """The base model, its tokenizer and where it was found, after checking the row lengths
+    against its positions (`check_positions`)."""
     base_model, tokenizer, where = load_base(
         config.model.path, None if folder is None else str(folder), dtype=config.model.dtype,
         param_dtype=config.model.param_dtype)
     check_positions(config, base_model)
+    return base_model, tokenizer, where
+
+
+def prepare(config: SlimExperiment, folder: Path | None, out: Path,
+            loaded: tuple[nnx.Module, Tokenizer, str] | None = None) -> Context:
+    """Everything the runs share (the base model as `load_checked` gives it, unless `loaded`).
+    The base model is measured once per run folder: its record and stories are saved there,
+    and later processes (workers, a resumed run) read them back, so every run is measured
+    against the very same reference."""
+    devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
+    base_model, tokenizer, where = loaded or load_checked(config, folder)
     shard_module(base_model, make_mesh(config.train.mesh, devices), config.train.rules)
     base = eval_view(base_model)
     task = build_task(config, folder)

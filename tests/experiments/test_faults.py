@@ -105,8 +105,11 @@ def slim_table(out: Path) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def data(shared_data) -> list[str]:
-    return ["--data-dir", str(shared_data), "--compilation-cache", "none"]
+def data(shared_data, tmp_path_factory) -> list[str]:
+    """Data folder and one compilation cache for every run of this module (reruns compile
+    nothing; the compiled programs, hence the numbers, are the same)."""
+    cache = tmp_path_factory.mktemp("xla")
+    return ["--data-dir", str(shared_data), "--compilation-cache", str(cache)]
 
 
 def test_slim_finetune_slurm_requeue_sigkill_and_ctrl_c(data, tmp_path):

@@ -183,7 +183,7 @@ def test_bad_input_is_one_line(argv, expected, tmp_path, shared_data, capsys):
     assert main([*argv, "--compilation-cache", "none"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err and err.startswith(f"{PROG}: error:")
-    assert not (tmp_path / "out" / "runs").exists()
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_bad_flag_values_are_one_line(capsys):
