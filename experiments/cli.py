@@ -63,7 +63,7 @@ from tyro.constructors._struct_spec_dataclass import dataclass_rule
 
 from slim_jax.errors import ConfigError, SlimJaxError
 from slim_jax.settings import DATA_DIR_ENV
-from slim_jax.train.workers import StopSignals
+from slim_jax.train.workers import StopSignals, WorkerDied
 
 C = TypeVar("C")
 TRUE = ("true", "yes", "1", "on")
@@ -274,7 +274,8 @@ def run_command(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str
                 run: Callable[[C, list[str], StopSignals], int]) -> int:
     """An experiment command's `main`: parse `argv` (default `sys.argv[1:]`), then
     `run(config, argv, stop)` under `StopSignals`. Returns `run`'s exit status; 0 after
-    `--help`; 2 on bad input, after one line `prog: error: ...` on stderr (no traceback)."""
+    `--help`; 2 on bad input, after one line `prog: error: ...` on stderr (no traceback); 1
+    after one such line when a worker process died."""
     args = list(sys.argv[1:] if argv is None else argv)
     with StopSignals() as stop:
         try:
@@ -286,6 +287,9 @@ def run_command(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str
         except SlimJaxError as err:
             print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
+        except WorkerDied as err:
+            print(f"{prog}: error: {err}; the same command resumes", file=sys.stderr)
+            return 1
 
 
 def _metavar(annotation: Any) -> str:

@@ -46,6 +46,10 @@ class Stopped(Exception):
     """A stop signal arrived inside `StopSignals.interruptible()`."""
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without reporting its job (killed, or out of memory)."""
+
+
 _ACTIVE: list[StopSignals] = []
 
 
@@ -183,8 +187,9 @@ def _worker_main(conn: Connection, parent: int, init: Callable[..., Any],
             _send(conn, ("done", job, value))
 
 
-def _send(conn: Connection, message: tuple[str, Any, Any]) -> None:
-    """Report to the parent; a parent that is gone no longer listens."""
+def _send(conn: Connection, message: Any) -> None:
+    """Send over a pipe whose other end may be gone (a dead parent or worker no longer
+    listens; the other side learns of it by EOF)."""
     with contextlib.suppress(OSError):
         conn.send(message)
 
@@ -221,7 +226,7 @@ class WorkerPool:
         the running ones are told (SIGTERM) and their outcomes ("stopped" or "done") yielded.
 
         Raises:
-          the exception a job raised (after stopping the other workers), or RuntimeError when a
+          the exception a job raised (after stopping the other workers), or WorkerDied when a
           worker died without reporting.
         """
         if stop.requested:
@@ -258,9 +263,10 @@ class WorkerPool:
                         proc = procs.pop(conn)
                         proc.join(join_timeout_s)
                         if running.get(conn) is not None or (not stop.requested and todo):
-                            raise RuntimeError(f"a worker process died (exit code "
-                                               f"{proc.exitcode}) while running "
-                                               f"{running.get(conn)}") from None
+                            raise WorkerDied(f"a worker process died (exit code "
+                                             f"{proc.exitcode}) while running "
+                                             f"{running.get(conn)}; its last checkpoint "
+                                             "is kept") from None
                         continue
                     if kind == "error":
                         stop.on_stop.remove(tell_workers)
@@ -272,15 +278,14 @@ class WorkerPool:
                     running[conn] = None
                     if kind in ("ready", "done") and todo and not stop.requested:
                         running[conn] = todo.pop(0)
-                        conn.send(running[conn])
+                        _send(conn, running[conn])  # a worker gone meanwhile: EOF tells
                     elif kind in ("ready", "done"):
-                        conn.send(None)
+                        _send(conn, None)
         finally:
             if tell_workers in stop.on_stop:
                 stop.on_stop.remove(tell_workers)
             for conn in procs:
-                with contextlib.suppress(OSError):
-                    conn.send(None)
+                _send(conn, None)
             deadline = time.monotonic() + join_timeout_s
             for proc in procs.values():
                 proc.join(max(0.0, deadline - time.monotonic()))

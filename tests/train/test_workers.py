@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from slim_jax.train.preemption import PreemptionGuard
-from slim_jax.train.workers import Stopped, StopSignals, WorkerPool
+from slim_jax.train.workers import Stopped, StopSignals, WorkerDied, WorkerPool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,6 +45,12 @@ def test_pool_runs_every_job_once():
         outcomes = list(WorkerPool(2, int, (), operator.add).run([(1,), (2,), (3,)], stop))
     assert sorted(o.value for o in outcomes) == [1, 2, 3]
     assert {o.status for o in outcomes} == {"done"}
+
+
+def test_a_killed_worker_is_reported():
+    """The worker's job kills it (os.kill(worker's PID, SIGKILL)): reported, not waited for."""
+    with StopSignals() as stop, pytest.raises(WorkerDied, match=r"exit code -9\) while running"):
+        list(WorkerPool(1, os.getpid, (), os.kill).run([(signal.SIGKILL,)], stop))
 
 
 def test_pool_stops_its_workers_on_a_stop_request():
