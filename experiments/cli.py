@@ -224,7 +224,7 @@ def _one_line(text: str) -> str:
             break
         lines.append(inner)
     message = " ".join(lines).strip()
-    return re.sub(r"^Error parsing [\w.-]+: ", "", message) or "invalid arguments"
+    return re.sub(r"^Error parsing ([\w.-]+): ", r"\1: ", message) or "invalid arguments"
 
 
 def _preset_name(argv: Sequence[str], default: str) -> str:
