@@ -73,9 +73,11 @@ def check_out(out: Path, flag: str = "--out") -> None:
         raise ConfigError(f"{flag} {out} is a file; give a folder (new, or one this command "
                           "wrote to resume it)")
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+    try:  # a real try: permission bits do not tell (root, read-only mounts, /proc)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test-"))
+    except (OSError, TypeError):
         raise ConfigError(f"{flag} {out}: cannot create or write in {existing}; give a folder "
-                          "you can write to")
+                          "you can write to") from None
 
 
 def refuse_finished(out: Path, *, overwrite: bool, flag: str = "--out") -> None:
