@@ -17,22 +17,11 @@ configs as `fdl.Config` graphs of call sites rather than frozen dataclasses (its
 is absl-based), so both would mean rewriting the library's configs.
 
 >>> import dataclasses
->>> @dataclasses.dataclass(frozen=True)
-... class Inner:
-...     '''Attributes:
-...       rate: the learning rate. More words.'''
-...     rate: float = 0.1
->>> @dataclasses.dataclass(frozen=True)
-... class Outer:
-...     '''Attributes:
-...       preset: the preset.
-...       seeds: the seeds.
-...       inner: the inner part.'''
-...     preset: str = "a"
-...     seeds: tuple[int, ...] = (0,)
-...     inner: Inner = Inner()
->>> parse_config("demo", "demo: a demo.", {"a": Outer()}, ["--seeds", "1,2", "--inner.rate", "0.5"])
-Outer(preset='a', seeds=(1, 2), inner=Inner(rate=0.5))
+>>> from experiments.presets.slim import PRESETS
+>>> config = parse_config("demo", "demo: a demo.", PRESETS, ["--seeds", "1,2",
+...                       "--train.optimizer.learning-rate", "0.5", "--overwrite", "yes"])
+>>> config.seeds, config.train.optimizer.learning_rate, config.overwrite, config.preset
+((1, 2), 0.5, True, 'cpu')
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def preset(name: str) -> SlimExperiment:
       ConfigError: an unknown name (listing the presets).
 
     >>> preset("cpu").model.path
-    'tinystories260k'
+    'tinystories260k/checkpoint_v1.bin'
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")

@@ -112,6 +112,7 @@ def data(shared_data, tmp_path_factory) -> list[str]:
     return ["--data-dir", str(shared_data), "--compilation-cache", str(cache)]
 
 
+@pytest.mark.slow
 def test_slim_finetune_slurm_requeue_sigkill_and_ctrl_c(data, tmp_path):
     """SLURM's time limit (SIGTERM, `--signal=TERM@120`) then `--requeue` (the same srun
     command again), a SIGKILL of the parent, a Ctrl-C; the fourth run finishes."""
@@ -162,6 +163,7 @@ def test_slim_finetune_slurm_requeue_sigkill_and_ctrl_c(data, tmp_path):
     assert len(again.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_lora_modules_and_lorahub_bbh_tpu_preemption(data, tmp_path):
     """Module training stopped by SIGTERM and by SIGKILL resumes to the same modules; lorahub_bbh
     launched as `launch/tpu_pod.sh` runs it on each host, pre-empted (SIGTERM) after its first

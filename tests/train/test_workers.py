@@ -40,6 +40,7 @@ def test_ctrl_c_reaches_a_trainer_that_owns_sigterm():
         assert guard.reached(1) and stop.requested == "SIGINT"
 
 
+@pytest.mark.slow
 def test_pool_runs_every_job_once():
     with StopSignals() as stop:
         outcomes = list(WorkerPool(2, int, (), operator.add).run([(1,), (2,), (3,)], stop))
@@ -47,12 +48,14 @@ def test_pool_runs_every_job_once():
     assert {o.status for o in outcomes} == {"done"}
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_reported():
     """The worker's job kills it (os.kill(worker's PID, SIGKILL)): reported, not waited for."""
     with StopSignals() as stop, pytest.raises(WorkerDied, match=r"exit code -9\) while running"):
         list(WorkerPool(1, os.getpid, (), os.kill).run([(signal.SIGKILL,)], stop))
 
 
+@pytest.mark.slow
 def test_pool_stops_its_workers_on_a_stop_request():
     """Workers busy in their set-up (an interruptible sleep of 120 s) stop within seconds."""
     start = time.monotonic()
@@ -71,6 +74,7 @@ def spawned(process: psutil.Process) -> list[psutil.Process]:
     return [p for p in process.children() if "spawn_main" in " ".join(p.cmdline())]
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_parent():
     script = ("import time\nfrom slim_jax.train.workers import StopSignals, WorkerPool\n"
               "with StopSignals() as stop:\n"
