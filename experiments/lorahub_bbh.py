@@ -47,18 +47,11 @@ from pathlib import Path
 from flax import nnx
 from tqdm.auto import tqdm
 
+from experiments import run_state
 from experiments.base_model import load_base
 from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
 from experiments.run_folder import default_run_folder
-from experiments.run_state import (
-    mark_finished,
-    open_run_folder,
-    read_json,
-    stop_message,
-    write_atomic,
-    write_json,
-)
 from experiments.train_lora_modules import chosen_tasks, finished_set, train_modules
 from slim_jax.data import BBHTask, load_bbh
 from slim_jax.errors import CheckpointError, ConfigError
@@ -181,8 +174,8 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
               f"evaluations (CMA-ES population {p.population_size}); objective {p.objective_mode}"
               f", L1 {p.l1_coeff}; greedy decoding of up to {p.max_new_tokens} tokens. Exact "
               f"match x 100 on each task's examples outside the ADAPT set. {seconds:.0f} s.\n\n")
-    write_atomic(out / "results.md", header + table + "\n")
-    write_atomic(out / "results.json", results_json(
+    run_state.write_atomic(out / "results.md", header + table + "\n")
+    run_state.write_atomic(out / "results.json", results_json(
         results, command=command, seconds=seconds, config=dataclasses.asdict(config)) + "\n")
     if any(run.histories for r in results for run in r.runs):
         plot_search_progress(results, out / "search_progress.png")
@@ -201,17 +194,18 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
     config = dataclasses.replace(config, out=str(out))
     tasks = load_tasks(config)
     # Before minutes of module training: a finished run, or another config's, is refused here.
-    open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite, create=False)
+    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite,
+                              create=False)
     command = shlex.join([*PROG.split(), *argv])
     enable_compilation_cache(config.compilation_cache)
     saved = ensure_modules(config)
     if saved is not None:
-        print(stop_message(PROG, stop.requested or "SIGTERM", saved, argv, out),
+        print(run_state.stop_message(PROG, stop.requested or "SIGTERM", saved, argv, out),
               file=sys.stderr, flush=True)
         return stop.exit_code
     pool, ids = module_pool(config)
     draws = module_draws(pool, config.protocol.runs, config.protocol.modules_per_run)
-    earlier = read_json(out / DRAWS) if not config.overwrite else None
+    earlier = run_state.read_json(out / DRAWS) if not config.overwrite else None
     if earlier is not None and earlier != draws:
         raise ConfigError(f"--out {out}: the module draws differ from those of the interrupted "
                           "run there (the module folder changed); pass --overwrite or a new --out")
@@ -220,13 +214,13 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
     needed = list(dict.fromkeys(n for draw in draws for n in draw))
     modules = load_modules(config, model, needed, ids)
     check_modules(list(modules.values()))  # different ranks or layers: named, before any task
-    open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
-    write_atomic(out / "command.txt", command + "\n")
-    write_json(out / DRAWS, draws)
+    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
+    run_state.write_atomic(out / "command.txt", command + "\n")
+    run_state.write_json(out / DRAWS, draws)
 
     results: list[TaskResult] = []
     for name in tasks:
-        record = read_json(out / "tasks" / f"{name}.json")
+        record = run_state.read_json(out / "tasks" / f"{name}.json")
         if record is not None:
             results.append(task_result(record))
     if results:
@@ -249,16 +243,16 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
                                           config.protocol, progress=note)
             except Stopped:
                 bar.close()
-                print(stop_message(PROG, stop.requested or "SIGTERM", [
+                print(run_state.stop_message(PROG, stop.requested or "SIGTERM", [
                     f"{len(results)} of {len(tasks)} tasks finished ({out / 'results.md'})"],
                     argv, out), file=sys.stderr, flush=True)
                 return stop.exit_code
-            write_json(out / "tasks" / f"{name}.json", dataclasses.asdict(result))
+            run_state.write_json(out / "tasks" / f"{name}.json", dataclasses.asdict(result))
             results.append(result)
             results.sort(key=lambda r: list(tasks).index(r.task))
             write_results(out, results, config, command, time.perf_counter() - start)
     write_results(out, results, config, command, time.perf_counter() - start)
-    mark_finished(out)
+    run_state.mark_finished(out)
     if config.progress:
         print(f"\n{results_table(results)}\n\nresults in {out}")
     return 0

@@ -79,8 +79,8 @@ from slim_jax.train import Trainer, TrainResult, read_metrics
 from slim_jax.train.metrics import count_params
 from slim_jax.train.workers import Stopped, StopSignals, WorkerPool, active
 
+RESULT = "result.json"  # a run's record: written last, so present means finished
 PROG = "python -m experiments.slim_finetune"
-RESULT = "result.json"
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> SlimExperiment:

@@ -222,11 +222,4 @@ def test_train_lora_modules_and_lorahub_bbh_tpu_preemption(data, tmp_path):
 
 def living(procs: list[psutil.Process]) -> list[psutil.Process]:
     """The processes still running (an exited one its new parent has not reaped is a zombie)."""
-    found = []
-    for proc in procs:
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -100,11 +100,4 @@ def test_workers_die_with_a_killed_parent():
 
 def living(procs: list[psutil.Process]) -> list[psutil.Process]:
     """The processes still running (an exited one its new parent has not reaped is a zombie)."""
-    found = []
-    for proc in procs:
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
