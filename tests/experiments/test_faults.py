@@ -142,9 +142,10 @@ def test_slim_finetune_slurm_requeue_sigkill_and_ctrl_c(data, tmp_path):
 
     logged = {p: metrics_lines(p) for p in out.glob("runs/lora/seed*/metrics.jsonl")}
     third = Run(argv, tmp_path / "3.log")
-    third.wait_for(lambda: any(metrics_lines(p) > n for p, n in logged.items()
+    third.wait_for(lambda: any(metrics_lines(p) > logged.get(p, 0)
+                               for p in out.glob("runs/lora/seed*/metrics.jsonl")
                                if not (p.parent / "result.json").exists()),
-                   "a resumed run's next step")
+                   "an unfinished run's next step")
     assert third.signal(signal.SIGINT) == 128 + signal.SIGINT
     assert "stopped by SIGINT" in stop_line(tmp_path / "3.log")
 
