@@ -213,6 +213,7 @@ def _one_line(text: str) -> str:
             break
         lines.append(inner)
     message = " ".join(lines).strip()
+    message = re.sub(r"^Error parsing [\w.-]+: (--)", r"\1", message)  # the flag is named
     return re.sub(r"^Error parsing ([\w.-]+): ", r"\1: ", message) or "invalid arguments"
 
 
