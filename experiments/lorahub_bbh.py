@@ -9,12 +9,22 @@ tokens; a decoder-only model's prompt is cut from the left so prompt and answer 
 positions). Scores are exact match x 100. The run folder:
 
     <out>/command.txt, config.json     the exact command, the full resolved config
+    <out>/draws.json                   the modules each run composes
     <out>/results.md                   the per-task table with the average over tasks
     <out>/results.json                 every run's modules, weights, objectives, histories
     <out>/search_progress.png          best objective against evaluations, CMA-ES vs COBYLA
+    <out>/tasks/<task>.json            one finished task's results (written when it finishes)
+    <out>/FINISHED                     written last, when every task is done
+
+Stop and resume: SIGTERM, SIGINT or SIGUSR1 stops after saving the finished tasks (and, while
+modules are being trained, the module in training); one line names what is saved and the command
+that resumes. The same command with the same `--out` keeps the finished tasks and redoes the
+interrupted one from its start (same seeds, same numbers). A finished `--out` is refused unless
+`--overwrite`.
 
 The cpu preset (default) uses the TinyStories model with modules from
-`python -m experiments.train_lora_modules` (trained first when the module folder is empty) and
+`python -m experiments.train_lora_modules` (trained first, with a line saying so, when the module
+folder holds none or an unfinished set) and
 draws over those modules in LoRAHub's list order; `--bbh.tasks all` runs all 27 tasks.
 
 Examples:
@@ -28,7 +38,6 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -38,25 +47,34 @@ from pathlib import Path
 from flax import nnx
 from tqdm.auto import tqdm
 
-from experiments.config_cli import parse_preset_cli
+from experiments import run_state
+from experiments.base_model import load_base
+from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
-from experiments.presets.lorahub import preset as get_preset
 from experiments.run_folder import default_run_folder
-from experiments.train_lora_modules import load_model, train_modules
+from experiments.train_lora_modules import chosen_tasks, finished_set, train_modules
 from slim_jax.data import BBHTask, load_bbh
-from slim_jax.errors import CheckpointError, SlimJaxError
+from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.lorahub.library import LoRAModule, check_modules, find_module, load_module
-from slim_jax.lorahub.protocol import TaskResult, module_draws, run_bbh_task, steps_per_task
+from slim_jax.lorahub.protocol import (
+    RunResult,
+    TaskResult,
+    module_draws,
+    run_bbh_task,
+    steps_per_task,
+)
 from slim_jax.lorahub.report import plot_search_progress, results_json, results_table
 from slim_jax.lorahub.upstream import read_module_ids, task_of
 from slim_jax.settings import enable_compilation_cache
+from slim_jax.train.workers import Stopped, StopSignals
 
 PROG = "python -m experiments.lorahub_bbh"
+DRAWS = "draws.json"
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> LoRAHubExperiment:
     """The config from the command line: `--preset` first, then field overrides."""
-    return parse_preset_cli(PROG, __doc__, PRESETS, lambda name: get_preset(name)[0], argv)
+    return parse_config(PROG, __doc__, {name: pair[0] for name, pair in PRESETS.items()}, argv)
 
 
 def load_tasks(config: LoRAHubExperiment) -> dict[str, BBHTask]:
@@ -87,22 +105,35 @@ def module_pool(config: LoRAHubExperiment) -> tuple[list[str], dict[str, str]]:
     return present, {task_of(i): i for i in ids}
 
 
-def ensure_modules(config: LoRAHubExperiment) -> None:
-    """Train the upstream modules first when the cpu-style module folder holds none."""
+def ensure_modules(config: LoRAHubExperiment) -> list[str] | None:
+    """Train the upstream modules first when the cpu-style module folder holds none, or holds
+    a set that `train_lora_modules` left unfinished; says so in one line first. Returns what is
+    saved when a stop signal stopped the training, else None.
+
+    Raises:
+      CheckpointError: no module there and `--modules.train-missing false`.
+    """
     if not config.modules.local_only or config.modules.dir is None:
-        return
-    if module_pool(config)[0]:
-        return
+        return None
+    root = Path(config.modules.dir).expanduser().resolve()
+    unfinished = (root / "config.json").is_file() and not finished_set(root)
+    if module_pool(config)[0] and not unfinished:
+        return None
     if not config.modules.train_missing:
         raise CheckpointError(
-            f"the module folder {config.modules.dir} holds no LoRA module; train them with "
-            f"`python -m experiments.train_lora_modules --out {config.modules.dir}` or pass "
-            "--modules.train-missing true")
+            f"--modules.dir {root} holds no {'finished set of ' if unfinished else ''}LoRA "
+            f"modules; train them with `python -m experiments.train_lora_modules --out {root}`"
+            " or pass --modules.train-missing true")
     upstream = UpstreamExperiment(
-        preset=config.preset, out=config.modules.dir, data_dir=config.data_dir,
+        preset=config.preset, out=str(root), data_dir=config.data_dir,
         progress=config.progress, compilation_cache=config.compilation_cache,
         model=config.model, upstream=config.upstream)
-    train_modules(upstream)  # a fresh copy of the base model: the one used here stays plain
+    count = len(chosen_tasks(config.upstream, config.data_dir))
+    print(f"{PROG}: --modules.dir {root} holds "
+          f"{'an unfinished set of' if unfinished else 'no'} LoRA modules: training {count} "
+          f"there first (as python -m experiments.train_lora_modules --out {root} does)",
+          flush=True)
+    return train_modules(upstream)  # a fresh copy of the base model: the one used here stays plain
 
 
 def load_modules(config: LoRAHubExperiment, model: nnx.Module, names: Sequence[str],
@@ -121,8 +152,14 @@ def load_modules(config: LoRAHubExperiment, model: nnx.Module, names: Sequence[s
 def run_folder(config: LoRAHubExperiment) -> Path:
     """`--out`, or a new timestamped folder under `runs/lorahub_bbh`."""
     if config.out is not None:
-        return Path(config.out).expanduser()
-    return default_run_folder("lorahub_bbh", config.preset)
+        return Path(config.out).expanduser().resolve()
+    return default_run_folder("lorahub_bbh", config.preset).resolve()
+
+
+def task_result(record: dict) -> TaskResult:
+    """A `TaskResult` read back from its JSON record (`dataclasses.asdict`)."""
+    runs = [RunResult(**run) for run in record["runs"]]
+    return TaskResult(**{**record, "runs": runs})
 
 
 def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperiment,
@@ -137,62 +174,94 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
               f"evaluations (CMA-ES population {p.population_size}); objective {p.objective_mode}"
               f", L1 {p.l1_coeff}; greedy decoding of up to {p.max_new_tokens} tokens. Exact "
               f"match x 100 on each task's examples outside the ADAPT set. {seconds:.0f} s.\n\n")
-    (out / "results.md").write_text(header + table + "\n")
-    (out / "results.json").write_text(results_json(results, command=command, seconds=seconds,
-                                                   config=dataclasses.asdict(config)) + "\n")
+    run_state.write_atomic(out / "results.md", header + table + "\n")
+    run_state.write_atomic(out / "results.json", results_json(
+        results, command=command, seconds=seconds, config=dataclasses.asdict(config)) + "\n")
     if any(run.histories for r in results for run in r.runs):
         plot_search_progress(results, out / "search_progress.png")
 
 
-def run_experiment(config: LoRAHubExperiment, command: str) -> list[TaskResult]:
-    """Everything the module docstring says; returns the per-task results.
+def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSignals) -> int:
+    """Everything the module docstring says; returns the exit status (0 done, 128 + signal
+    when stopped).
 
     Raises:
       SlimJaxError: bad input (unknown task, K too large, budget below one generation, modules
-        that differ or are missing), before the first task starts.
+        that differ or are missing, an unusable `--out`), before the first task starts.
     """
     start = time.perf_counter()
-    enable_compilation_cache(config.compilation_cache)
+    out = run_folder(config)
+    config = dataclasses.replace(config, out=str(out))
     tasks = load_tasks(config)
-    ensure_modules(config)
+    # Before minutes of module training: a finished run, or another config's, is refused here.
+    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite,
+                              create=False)
+    command = shlex.join([*PROG.split(), *argv])
+    enable_compilation_cache(config.compilation_cache)
+    saved = ensure_modules(config)
+    if saved is not None:
+        print(run_state.stop_message(PROG, stop.requested or "SIGTERM", saved, argv, out),
+              file=sys.stderr, flush=True)
+        return stop.exit_code
     pool, ids = module_pool(config)
     draws = module_draws(pool, config.protocol.runs, config.protocol.modules_per_run)
-    model, tokenizer, _ = load_model(config.model, config.data_dir)
+    earlier = run_state.read_json(out / DRAWS) if not config.overwrite else None
+    if earlier is not None and earlier != draws:
+        raise ConfigError(f"--out {out}: the module draws differ from those of the interrupted "
+                          "run there (the module folder changed); pass --overwrite or a new --out")
+    model, tokenizer, _ = load_base(config.model.path, config.data_dir, dtype=config.model.dtype,
+                                    param_dtype=config.model.param_dtype)
     needed = list(dict.fromkeys(n for draw in draws for n in draw))
     modules = load_modules(config, model, needed, ids)
     check_modules(list(modules.values()))  # different ranks or layers: named, before any task
+    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
+    run_state.write_atomic(out / "command.txt", command + "\n")
+    run_state.write_json(out / DRAWS, draws)
 
-    out = run_folder(config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(command + "\n")
-    (out / "config.json").write_text(json.dumps(
-        {**dataclasses.asdict(config), "draws": draws}, indent=2, default=str) + "\n")
-    total = len(tasks) * steps_per_task(config.protocol)
     results: list[TaskResult] = []
+    for name in tasks:
+        record = run_state.read_json(out / "tasks" / f"{name}.json")
+        if record is not None:
+            results.append(task_result(record))
+    if results:
+        print(f"{PROG}: resuming: {len(results)} of {len(tasks)} tasks finished in {out}",
+              flush=True)
+    total = len(tasks) * steps_per_task(config.protocol)
     with tqdm(total=total, desc="lorahub bbh", disable=not config.progress) as bar:
+        bar.update(len(results) * steps_per_task(config.protocol))
         for name, task in tasks.items():
+            if any(r.task == name for r in results):
+                continue
+
             def note(label: str, name: str = name) -> None:
                 bar.set_postfix_str(f"{name[:24]} {label}")
                 bar.update(1)
 
-            results.append(run_bbh_task(task, model, tokenizer, modules, draws,
-                                        config.protocol, progress=note))
+            try:
+                with stop.interruptible():
+                    result = run_bbh_task(task, model, tokenizer, modules, draws,
+                                          config.protocol, progress=note)
+            except Stopped:
+                bar.close()
+                print(run_state.stop_message(PROG, stop.requested or "SIGTERM", [
+                    f"{len(results)} of {len(tasks)} tasks finished ({out / 'results.md'})"],
+                    argv, out), file=sys.stderr, flush=True)
+                return stop.exit_code
+            run_state.write_json(out / "tasks" / f"{name}.json", dataclasses.asdict(result))
+            results.append(result)
+            results.sort(key=lambda r: list(tasks).index(r.task))
             write_results(out, results, config, command, time.perf_counter() - start)
+    write_results(out, results, config, command, time.perf_counter() - start)
+    run_state.mark_finished(out)
     if config.progress:
         print(f"\n{results_table(results)}\n\nresults in {out}")
-    return results
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; bad input prints one line to stderr and returns 2."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config = parse_cli(args)
-        run_experiment(config, shlex.join([*PROG.split(), *args]))
-    except SlimJaxError as err:
-        print(f"{PROG.split()[-1]}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    return 0
+    """The command line: 0 when done, 2 on bad input (one line on stderr), 128 + the signal's
+    number when a stop signal stopped it (one line says what is saved and how to resume)."""
+    return run_command(PROG, argv, parse_cli, run_experiment)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,15 @@ One LoRA module per T0 template task of the data folder whose name is one of LoR
 modules (`lorahub/flan_t5_large-<task>`, taken in `lorahub_module_names.txt` order), trained with
 the shared trainer (`slim_jax.train.Trainer`: cross-entropy on the completion and its EOS) and
 saved as a PEFT adapter folder `<out>/<task>` (`adapter_config.json`,
-`adapter_model.safetensors`) that `peft` and `slim_jax.lorahub.load_module` read. Modules already
-in `<out>` are kept (resume), unless `--overwrite true`. `<out>/modules.json` records the tasks in
-order with their first and last training losses.
+`adapter_model.safetensors`) that `peft` and `slim_jax.lorahub.load_module` read; a module's folder
+appears (by one rename) only when it is finished. `<out>/modules.json` records the finished tasks
+in order with their first and last training losses; `<out>/FINISHED` marks the whole set done.
+
+Stop and resume: SIGTERM, SIGINT or SIGUSR1 saves the module in training as a checkpoint
+(`<out>/.partial/<task>`, every `--upstream.save-every` steps as well) and exits with one line
+naming what is saved and the command that resumes; the same command again keeps the finished
+modules and continues the interrupted one from its checkpoint. An `--out` holding a finished set
+is refused unless `--overwrite` (which deletes and retrains it).
 
 The cpu preset trains 24 modules on the TinyStories model (r=16, alpha=32 on q_proj and v_proj;
 30 steps of 4 packed rows of 256 tokens each: about 10-20 s per module on 2 cores).
@@ -20,22 +26,26 @@ Examples:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from experiments.config_cli import parse_preset_cli
-from experiments.presets.lorahub import PRESETS, ModelSpec, UpstreamExperiment, UpstreamSpec
-from experiments.presets.lorahub import preset as get_preset
+from experiments import run_state
+from experiments.base_model import load_base, max_positions
+from experiments.cli import parse_config, run_command
+from experiments.presets.lorahub import PRESETS, UpstreamExperiment, UpstreamSpec
+from slim_jax.checkpoint import Checkpointer
 from slim_jax.data import CausalLayout, EncoderDecoderLayout
 from slim_jax.data.layout import Layout
-from slim_jax.errors import DataError, SlimJaxError
+from slim_jax.errors import DataError
 from slim_jax.lorahub.objective import is_encoder_decoder
 from slim_jax.lorahub.upstream import (
     UpstreamConfig,
@@ -44,34 +54,21 @@ from slim_jax.lorahub.upstream import (
     train_task_module,
     upstream_task_names,
 )
-from slim_jax.models import loading
 from slim_jax.nn import LoRAConfig
 from slim_jax.parallel import MeshConfig
-from slim_jax.settings import enable_compilation_cache, locate
+from slim_jax.settings import enable_compilation_cache
 from slim_jax.tokenizer import Tokenizer
-from slim_jax.train import OptimizerConfig, TrainConfig
+from slim_jax.train import OptimizerConfig, TrainConfig, read_metrics
+from slim_jax.train.workers import StopSignals, active
 
 PROG = "python -m experiments.train_lora_modules"
 MANIFEST = "modules.json"
+PARTIAL = ".partial"
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> UpstreamExperiment:
     """The config from the command line: `--preset` first, then field overrides."""
-    return parse_preset_cli(PROG, __doc__, PRESETS, lambda name: get_preset(name)[1], argv)
-
-
-def load_model(spec: ModelSpec, data_dir: str | None) -> tuple[nnx.Module, Tokenizer, str]:
-    """The base model, its tokenizer, and the name PEFT records as its base model.
-
-    A relative `spec.path` that does not exist as given is looked up in the data folder.
-
-    Raises:
-      CheckpointError / ConfigError: from `slim_jax.models.loading.load_model` (missing files,
-        an unsupported architecture), naming the path.
-    """
-    name = locate(spec.path, data_dir)  # else a hub id
-    model, tokenizer = loading.load_model(name, dtype=spec.dtype, param_dtype=spec.param_dtype)
-    return model, tokenizer, name
+    return parse_config(PROG, __doc__, {name: pair[1] for name, pair in PRESETS.items()}, argv)
 
 
 def training_layout(model: nnx.Module, tokenizer: Tokenizer, max_length: int) -> Layout:
@@ -80,15 +77,16 @@ def training_layout(model: nnx.Module, tokenizer: Tokenizer, max_length: int) ->
     if is_encoder_decoder(model):
         return EncoderDecoderLayout(tokenizer, enc_lengths=(max_length,),
                                     dec_lengths=(max_length,))
-    limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+    limit = min(max_length, max_positions(model) or max_length)
     return CausalLayout(tokenizer, lengths=(limit,))
 
 
 def upstream_config(spec: UpstreamSpec, encoder_decoder: bool) -> UpstreamConfig:
     """The library's `UpstreamConfig` of the command line's settings."""
     train = TrainConfig(
-        steps=spec.steps, progress=False, save_every=0, log_every=max(1, spec.steps // 10),
-        async_checkpoint=False, mesh=MeshConfig(data=-1),
+        steps=spec.steps, progress=False, save_every=spec.save_every,
+        log_every=1, keep_checkpoints=1, async_checkpoint=False,
+        mesh=MeshConfig(data=-1),
         optimizer=OptimizerConfig(learning_rate=spec.learning_rate,
                                   warmup_steps=spec.warmup_steps))
     return UpstreamConfig(
@@ -101,74 +99,106 @@ def chosen_tasks(spec: UpstreamSpec, data_dir: str | None) -> list[str]:
     """The tasks to train, in LoRAHub's module order.
 
     Raises:
-      DataError: a named task without T0 template data (listing what is available).
+      DataError: a named task without T0 template data (naming it and what is available).
     """
     available = upstream_task_names(data_dir)
     if spec.tasks:
         unknown = [t for t in spec.tasks if t not in available]
         if unknown:
-            raise DataError(f"tasks {unknown} are not LoRAHub module tasks with T0 template "
-                            f"data; available ({len(available)}): {', '.join(available[:8])}, ...")
+            raise DataError(f"--upstream.tasks: {unknown[0]!r} is not a LoRAHub module task "
+                            f"with T0 template data; known ones ({len(available)}): "
+                            f"{', '.join(available[:8])}, ...")
         return list(spec.tasks)
     return available if spec.num_modules is None else available[:spec.num_modules]
 
 
-def train_modules(config: UpstreamExperiment, *, model: nnx.Module | None = None,
-                  tokenizer: Tokenizer | None = None, base_name: str | None = None) -> Path:
-    """Train the modules `config` asks for into `config.out` (keeping existing ones); returns
-    the folder. A loaded base model may be passed (it gains LoRA layers in place)."""
-    enable_compilation_cache(config.compilation_cache)
+def finished_set(out: Path) -> bool:
+    """Whether `out` holds a finished set of modules."""
+    return (out / run_state.FINISHED).is_file()
+
+
+def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[str] | None:
+    """Train the modules `config` asks for into `config.out`, resuming an interrupted set there
+    (`argv`, when given, is recorded in its command.txt). Returns None when all are finished, or
+    what is saved when a stop signal stopped it.
+
+    Raises:
+      ConfigError: `out` is a file, unwritable, finished (without overwrite) or another set's.
+      DataError: an unknown task.
+    """
+    stop = active() or StopSignals()
+    out = Path(config.out).expanduser().resolve()
     tasks = chosen_tasks(config.upstream, config.data_dir)
-    if model is None or tokenizer is None:
-        model, tokenizer, base_name = load_model(config.model, config.data_dir)
-    out = Path(config.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
+    if argv:
+        run_state.write_atomic(out / "command.txt", shlex.join([*PROG.split(), *argv]) + "\n")
+    enable_compilation_cache(config.compilation_cache)
+    model, tokenizer, base_name = load_base(config.model.path, config.data_dir,
+                                            dtype=config.model.dtype,
+                                            param_dtype=config.model.param_dtype)
     spec = config.upstream
     upstream = upstream_config(spec, is_encoder_decoder(model))
     layout = training_layout(model, tokenizer, spec.max_length)
     devices = jax.devices()[:spec.num_devices] if spec.num_devices else None
     prepare_model(model, upstream)
-    manifest = _read_manifest(out)
-    bar = tqdm(tasks, desc="upstream modules", disable=not config.progress)
-    for i, task in enumerate(bar):
-        folder = out / task
-        if (folder / "adapter_config.json").is_file() and not config.overwrite:
-            continue
-        bar.set_postfix_str(task[:40])
-        module, history = train_task_module(model, layout, task, upstream, seed=spec.seed + i,
-                                            data_dir=config.data_dir, devices=devices)
-        save_module(model, module, folder, base_model_name_or_path=base_name or "")
-        manifest[task] = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-                          "steps": len(history)}
+    manifest: dict[str, Any] = dict((run_state.read_json(out / MANIFEST) or {}).get("losses", {}))
+    todo = [t for t in tasks if not (out / t / "adapter_config.json").is_file()]
+    if len(todo) < len(tasks):
+        print(f"{PROG}: {len(tasks) - len(todo)} of {len(tasks)} modules already in {out}; "
+              f"training {len(todo)}", flush=True)
+    for task in tqdm(todo, desc="upstream modules", disable=not config.progress):
+        partial = out / PARTIAL / task
+        if stop.requested:
+            break
+        if (partial / "checkpoints").is_dir():
+            print(f"[{task}] resuming from its checkpoint", flush=True)
+        train = dataclasses.replace(upstream.train, run_dir=str(partial))
+        module, _ = train_task_module(
+            model, layout, task, dataclasses.replace(upstream, train=train),
+            seed=spec.seed + tasks.index(task), data_dir=config.data_dir, devices=devices)
+        if Checkpointer(partial / "checkpoints").latest_step() != spec.steps:
+            stop.request("SIGTERM")
+            return [f"{len(tasks) - len(todo) + todo.index(task)} of {len(tasks)} modules "
+                    f"finished in {out}", f"{task} at step "
+                    f"{Checkpointer(partial / 'checkpoints').latest_step()} ({partial})"]
+        save_module(model, module, partial / "module", base_model_name_or_path=base_name)
+        (partial / "module").replace(out / task)  # the module appears whole, or not at all
+        losses = {int(r["step"]): r["loss"] for r in read_metrics(partial / "metrics.jsonl")}
+        manifest[task] = {"first_loss": losses[min(losses)], "last_loss": losses[max(losses)],
+                          "steps": spec.steps}
+        shutil.rmtree(partial)
         _write_manifest(out, tasks, manifest)
+    if stop.requested and any(not (out / t).is_dir() for t in tasks):
+        done = sum((out / t).is_dir() for t in tasks)
+        return [f"{done} of {len(tasks)} modules finished in {out}"]
     _write_manifest(out, tasks, manifest)
-    return out
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    run_state.mark_finished(out)
+    return None
 
 
-def _read_manifest(out: Path) -> dict[str, dict[str, float]]:
-    path = out / MANIFEST
-    if not path.is_file():
-        return {}
-    return dict(json.loads(path.read_text()).get("losses", {}))
-
-
-def _write_manifest(out: Path, tasks: list[str], losses: dict[str, dict[str, float]]) -> None:
+def _write_manifest(out: Path, tasks: list[str], losses: dict[str, Any]) -> None:
     present = [t for t in tasks if (out / t / "adapter_config.json").is_file()]
-    (out / MANIFEST).write_text(json.dumps({"tasks": present, "losses": losses}, indent=2) + "\n")
+    run_state.write_json(out / MANIFEST, {"tasks": present, "losses": losses})
+
+
+def run(config: UpstreamExperiment, argv: list[str], stop: StopSignals) -> int:
+    """Train the modules; 0 when all are finished, else print the stop line and return
+    128 + the signal's number."""
+    stopped = train_modules(config, argv)
+    out = Path(config.out).expanduser().resolve()
+    if stopped is not None:
+        print(run_state.stop_message(PROG, stop.requested or "SIGTERM", stopped, argv, out),
+              file=sys.stderr, flush=True)
+        return stop.exit_code
+    print(f"modules in {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; bad input prints one line to stderr and returns 2."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config = parse_cli(args)
-        out = train_modules(config)
-    except SlimJaxError as err:
-        print(f"{PROG.split()[-1]}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    (out / "command.txt").write_text(shlex.join([*PROG.split(), *args]) + "\n")
-    print(f"modules in {out}")
-    return 0
+    """The command line: 0 when every module is trained, 2 on bad input (one line on stderr),
+    128 + the signal's number when a stop signal stopped it (one line says how to resume)."""
+    return run_command(PROG, argv, parse_cli, run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Configuration of `python -m experiments.lorahub_bbh` and of
 `python -m experiments.train_lora_modules`, and their named presets.
 
-Each config is a tree of frozen dataclasses, every field a flag (`experiments.config_cli`); the
+Each config is a tree of frozen dataclasses, every field a flag (`experiments.cli`); the
 LoRAHub protocol itself is the library's `slim_jax.lorahub.ProtocolConfig` (`--protocol.budget
 80`, `--protocol.methods cmaes,cobyla,gradient`).
 
@@ -27,29 +27,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from experiments.presets.common import ModelSpec
 from slim_jax.errors import ConfigError
 from slim_jax.lorahub.protocol import ProtocolConfig
 
 CPU_TASKS: tuple[str, ...] = (
     "boolean_expressions", "navigate", "sports_understanding", "web_of_lies")
 ALL = ("all",)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The base model (`slim_jax.models.loading.load_model`).
-
-    Attributes:
-      path: a Hugging Face model folder or hub id (Llama family, T5 / FLAN-T5), or a llama2.c
-        checkpoint file (its tokenizer.bin beside it); a relative path that does not exist as
-        given is looked up in the data folder.
-      dtype: compute dtype ("float32", "bfloat16").
-      param_dtype: parameter dtype of the loaded base.
-    """
-
-    path: str = "tinystories260k/checkpoint_v1.bin"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +57,8 @@ class UpstreamSpec:
       max_examples: examples per task at most (LoRAHub: 10k); none for all.
       seed: the first module's seed (module i uses seed + i).
       num_devices: devices the trainer uses (0: all); the batch must divide over them.
+      save_every: checkpoint the module in training every this many steps (a stop signal saves
+        it too), so an interrupted module continues where it was.
     """
 
     num_modules: int | None = 24
@@ -90,13 +76,17 @@ class UpstreamSpec:
     max_examples: int | None = None
     seed: int = 0
     num_devices: int = 0
+    save_every: int = 10
 
     def __post_init__(self) -> None:
         if self.num_modules is not None and self.num_modules < 1:
-            raise ConfigError(f"num_modules must be >= 1 or none, got {self.num_modules}")
-        if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise ConfigError("steps, batch_size must be >= 1 and max_length >= 2, got "
-                              f"{self.steps}, {self.batch_size}, {self.max_length}")
+            raise ConfigError(f"--upstream.num-modules must be >= 1 or none, got "
+                              f"{self.num_modules}")
+        for name in ("steps", "batch_size", "max_length", "save_every"):
+            if getattr(self, name) < (2 if name == "max_length" else 0 if name == "save_every"
+                                      else 1):
+                raise ConfigError(f"--upstream.{name.replace('_', '-')} is out of range: "
+                                  f"{getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +131,8 @@ class LoRAHubExperiment:
     Attributes:
       preset: the preset these values started from (recorded; choose it with --preset).
       out: the run folder (created: results.md, results.json, search_progress.png, config,
-        command); none: runs/lorahub_bbh/<preset>-<time>.
+        command); none: runs/lorahub_bbh/<preset>-<time>. The same folder again resumes.
+      overwrite: delete and redo a finished run in `out` (otherwise refused).
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
       progress: show progress bars.
       compilation_cache: folder of JAX's persistent compilation cache; none turns it off.
@@ -154,10 +145,11 @@ class LoRAHubExperiment:
 
     preset: str = "cpu"
     out: str | None = None
+    overwrite: bool = False
     data_dir: str | None = None
     progress: bool = True
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     modules: ModulesSpec = ModulesSpec()
     upstream: UpstreamSpec = UpstreamSpec()
     bbh: BBHSpec = BBHSpec()
@@ -170,9 +162,10 @@ class UpstreamExperiment:
 
     Attributes:
       preset: the preset these values started from (recorded; choose it with --preset).
-      out: the module folder; each module goes to <out>/<task> (existing ones are kept).
+      out: the module folder; each module goes to <out>/<task>; the same folder again resumes
+        an interrupted set.
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
-      overwrite: retrain modules that already exist in `out`.
+      overwrite: delete and retrain a finished set in `out` (otherwise refused).
       progress: show a progress bar.
       compilation_cache: folder of JAX's persistent compilation cache (every module compiles
         the same step: the cache makes that once); none turns it off.
@@ -186,7 +179,7 @@ class UpstreamExperiment:
     overwrite: bool = False
     progress: bool = True
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     upstream: UpstreamSpec = UpstreamSpec()
 
 

@@ -1,7 +1,7 @@
 """Configuration of `python -m experiments.slim_finetune`, and its named presets.
 
 The experiment's config is a tree of frozen dataclasses (`SlimExperiment`), every field a flag of
-the command line (`experiments.config_cli`). The adapter of the full SLIM method is the library's
+the command line (`experiments.cli`). The adapter of the full SLIM method is the library's
 own `SlimConfig` and the training run its `TrainConfig`, so their fields are overridable as they
 are (`--slim.top-k 1`, `--train.optimizer.learning-rate 1e-3`).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from experiments.presets.common import ModelSpec
 from experiments.slim_methods import METHODS
 from slim_jax.errors import ConfigError
 from slim_jax.nn import SlimConfig
@@ -39,24 +40,6 @@ AG_NEWS_TEMPLATES: tuple[str, ...] = (
 )
 ALL_PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj$"
 POD_MODEL = "openchat/openchat-3.6-8b-20240522"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The base model.
-
-    Attributes:
-      kind: "llama2c" (a folder with llama2.c's checkpoint_v1.bin and tokenizer.bin) or "hf"
-        (a Hugging Face Llama-family checkpoint: local folder or hub id).
-      path: the folder or hub id; a relative llama2c folder is looked up in the data folder.
-      dtype: compute dtype ("float32", "bfloat16").
-      param_dtype: parameter dtype of the loaded base.
-    """
-
-    kind: Literal["llama2c", "hf"] = "llama2c"
-    path: str = "tinystories260k"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +148,8 @@ class SlimExperiment:
       methods: methods to compare (see experiments/slim_methods.py).
       seeds: seeds; each method trains once per seed (adapter init, data order, masks).
       out: the run folder (created; results, plots, adapters, config and command go there);
-        none: runs/slim_finetune/<preset>-<time>.
+        none: runs/slim_finetune/<preset>-<time>. The same folder again resumes its run.
+      overwrite: delete and redo a finished run in `out` (otherwise refused).
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
       targets: regex over linear-layer paths that get adapters.
       num_devices: devices to use (0: all).
@@ -187,12 +171,13 @@ class SlimExperiment:
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
     out: str | None = None
+    overwrite: bool = False
     data_dir: str | None = None
     targets: str = ALL_PROJECTIONS
     num_devices: int = 0
     workers: int = 1
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     task: TaskSpec = TaskSpec()
     general: GeneralSpec = GeneralSpec()
     eval: EvalSpec = EvalSpec()
@@ -220,7 +205,7 @@ CPU = SlimExperiment(
     slim=SlimConfig(num_lora_experts=4, num_identity_experts=2, top_k=2, rank=4, alpha=8,
                     num_clusters=4, dropmerge_p=0.1, yield_quantile=0.9),
     train=TrainConfig(
-        steps=200, l1_coeff=1e-3, log_every=5, save_every=0, keep_checkpoints=1,
+        steps=200, l1_coeff=1e-3, log_every=5, save_every=20, keep_checkpoints=1,
         async_checkpoint=False, progress=False, mesh=MeshConfig(data=-1),
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20, final_lr_ratio=0.1),
     ),
@@ -232,7 +217,7 @@ def _pod(names: tuple[str, ...], preset: str) -> SlimExperiment:
         preset=preset,
         out=f"runs/slim_{preset}",
         num_devices=0,
-        model=ModelSpec(kind="hf", path=POD_MODEL, dtype="bfloat16", param_dtype="bfloat16"),
+        model=ModelSpec(path=POD_MODEL, dtype="bfloat16", param_dtype="bfloat16"),
         task=TaskSpec(kind="commonsense", names=names),
         general=GeneralSpec(kind="benchmarks", benchmarks=("mmlu", "gsm8k", "piqa")),
         eval=EvalSpec(mode="generate", max_new_tokens=32, benchmark_max_new_tokens=256,
@@ -241,7 +226,7 @@ def _pod(names: tuple[str, ...], preset: str) -> SlimExperiment:
         slim=SlimConfig(num_lora_experts=8, num_identity_experts=2, top_k=2, rank=16, alpha=32,
                         num_clusters=8, dropmerge_p=0.3),
         train=TrainConfig(
-            steps=1000, l1_coeff=1e-3, log_every=10, save_every=500, keep_checkpoints=1,
+            steps=1000, l1_coeff=1e-3, log_every=10, save_every=100, keep_checkpoints=1,
             frozen_dtype="bfloat16", progress=True, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
             optimizer=OptimizerConfig(learning_rate=2e-4, warmup_steps=100),
         ),
@@ -266,7 +251,7 @@ def preset(name: str) -> SlimExperiment:
       ConfigError: an unknown name (listing the presets).
 
     >>> preset("cpu").model.path
-    'tinystories260k'
+    'tinystories260k/checkpoint_v1.bin'
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")

@@ -83,7 +83,8 @@ def read_jsonl(path: str | os.PathLike[str], required: Sequence[str] = ()) -> Re
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column "
+                reason = err.msg.removesuffix(" at")  # "Invalid control character at"
+                raise DataError(f"{where}: not valid JSON ({reason} at column "
                                 f"{err.colno})") from err
             rows.append(check_record(record, required, where))
             positions.append(number)

@@ -35,6 +35,15 @@ def test_jsonl_invalid_json_names_line(tmp_path):
         read_jsonl(path, ("q",))
 
 
+def test_jsonl_control_character_reads_once(tmp_path):
+    path = tmp_path / "tab.jsonl"
+    path.write_text('{"q": "a\tb"}\n')
+    with pytest.raises(DataError, match=r"line 1: not valid JSON \(Invalid control character "
+                                        r"at column 9\)") as info:
+        read_jsonl(path, ("q",))
+    assert " at at " not in str(info.value)
+
+
 def test_json_list_missing_field_names_index(tmp_path):
     path = tmp_path / "set.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))

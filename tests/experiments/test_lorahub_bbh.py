@@ -27,9 +27,7 @@ def run(main, capsys, *args: str) -> tuple[int, str]:
 
 
 def test_help_lists_every_field_with_its_default(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lorahub_bbh.main(["--help"])
-    assert exit_info.value.code == 0
+    assert lorahub_bbh.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "--protocol.budget" in out and "default: 40" in out
     assert "--data-dir" in out and "--bbh.tasks" in out
@@ -85,10 +83,46 @@ def test_train_lora_modules_writes_peft_modules(capsys, shared_data, tmp_path):
     assert (module.rank, module.alpha) == (16, 32.0)
     assert len(module.paths) == 10 and module.paths[0] == "layers/0/self_attn/q_proj"
     assert any(np.abs(b).max() > 0 for _, b in module.factors.values())  # B was trained
+    assert (out / "FINISHED").is_file() and not (out / ".partial").exists()
     weights = out / TASKS[0] / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
-    assert run(train_lora_modules.main, capsys, *args)[0] == 0  # kept, not retrained
+    code, err = run(train_lora_modules.main, capsys, *args)  # a finished set: refused, kept
+    assert code == 2 and err.count("\n") == 1 and "holds a finished run" in err
     assert weights.stat().st_mtime_ns == before
+    assert run(train_lora_modules.main, capsys, *args, "--overwrite", "true")[0] == 0
+    assert weights.stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--upstream.tasks", "no_such_task"], "--upstream.tasks: 'no_such_task' is not a LoRAHub "
+                                           "module task"),
+    (["--upstream.batch-size", "0"], "--upstream.batch-size is out of range: 0"),
+    (["--model.path", "/no/model.bin"], "--model.path /no/model.bin does not exist"),
+    (["--out", "{file}"], "is a file"),
+])
+def test_train_lora_modules_bad_input_is_one_line(args, message, capsys, shared_data, tmp_path):
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "modules")]
+    code, err = run(train_lora_modules.main, capsys, "--data-dir", str(shared_data),
+                    "--progress", "false", *args)
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert err.startswith("python -m experiments.train_lora_modules: error:")
+
+
+def test_empty_module_folder_says_it_trains_first(capsys, shared_data, tmp_path, monkeypatch):
+    """An empty `--modules.dir` is not trained into silently: one line says what and where."""
+    trained = []
+    monkeypatch.setattr(lorahub_bbh, "train_modules", lambda config: trained.append(config))
+    monkeypatch.setattr(lorahub_bbh, "module_pool", lambda config: ([], {}))
+    config = lorahub_bbh.parse_cli(["--data-dir", str(shared_data), "--modules.dir",
+                                    str(tmp_path / "mods"), "--upstream.num-modules", "3"])
+    assert lorahub_bbh.ensure_modules(config) is None and len(trained) == 1
+    line = capsys.readouterr().out.strip()
+    assert line == (f"python -m experiments.lorahub_bbh: --modules.dir {tmp_path / 'mods'} holds "
+                    f"no LoRA modules: training 3 there first (as python -m "
+                    f"experiments.train_lora_modules --out {tmp_path / 'mods'} does)")
 
 
 def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
@@ -112,14 +146,14 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert [t["task"] for t in results["tasks"]] == ["navigate", "web_of_lies"]
-    config = json.loads((out / "config.json").read_text())
+    draws = json.loads((out / "draws.json").read_text())
     for task in results["tasks"]:
         assert task["num_test"] == 2 and set(task["baselines"]) == {"zero_shot", "icl"}
-        for run_result, draw in zip(task["runs"], config["draws"], strict=True):
+        for run_result, draw in zip(task["runs"], draws, strict=True):
             assert run_result["modules"] == draw
             assert set(run_result["scores"]) == {"uniform", "best_single", "cmaes", "cobyla"}
     # The draws are random.seed(s); random.sample over the modules in LoRAHub's list order.
-    assert config["draws"] == [random.Random(s).sample(
+    assert draws == [random.Random(s).sample(
         [TASKS[0], TASKS[1], "quoref_What_Is_The_Answer"], 2) for s in (1, 2)]
     table = (out / "results.md").read_text()
     assert "| navigate | 2 |" in table and "LoRAHub CMA-ES (best)" in table
@@ -127,3 +161,8 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
     assert (out / "search_progress.png").stat().st_size > 0
     assert (out / "command.txt").read_text().startswith(
         "python -m experiments.lorahub_bbh --data-dir")
+    assert (out / "FINISHED").is_file()
+    code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--progress",
+                    "false", "--modules.dir", str(modules), "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and "holds a finished run" in err
+    assert json.loads((out / "results.json").read_text()) == results  # not overwritten

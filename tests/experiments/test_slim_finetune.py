@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.slim_finetune import PROG, load_model, main, parse_cli, resolve_inputs
+from experiments.base_model import load_base
+from experiments.slim_finetune import PROG, main, parse_cli
 from experiments.slim_methods import METHODS, make_method, target_shapes
+from experiments.slim_setup import resolve_inputs
 from slim_jax.checkpoint import Checkpointer
 from slim_jax.eval import StoryCapability, eval_view
 from slim_jax.models.peft_io import load_peft_factors
@@ -76,7 +78,8 @@ def test_every_method_writes_parseable_outputs(run, shared_data):
     slim = next(r for r in results["runs"] if r["method"] == "slim")
     assert abs(lora["trainable_params"] - slim["trainable_params"]) < 0.1 * slim[
         "trainable_params"]
-    model, _ = load_model(parse_cli([*SHORT, "--data-dir", str(shared_data)]), shared_data)
+    model, _, _ = load_base("tinystories260k", str(shared_data), dtype="float32",
+                            param_dtype="float32")
     peft_config, factors = load_peft_factors(out / "runs/lora/seed0/peft", model)
     assert peft_config.rank == lora["adapter"]["rank"] and len(factors) == 2
 
@@ -91,13 +94,15 @@ def test_identity_only_routing_leaves_general_capability_unchanged(run, shared_d
     out, argv = run
     config = parse_cli(argv)
     folder = resolve_inputs(config)
-    base, tokenizer = load_model(config, folder)
+    load = lambda: load_base(config.model.path, str(folder), dtype="float32",
+                             param_dtype="float32")[:2]
+    base, tokenizer = load()
     stories = json.loads((out / "stories.json").read_text())["stories"]
     capability = StoryCapability(eval_view(base), tokenizer, stories)
     base_general = json.loads((out / "results.json").read_text())["base"]["general"]
     assert capability.measure(eval_view(base)) == base_general
 
-    model, _ = load_model(config, folder)
+    model, _ = load()
     method = make_method("slim", config.slim, target_shapes(model, config.targets))
     inject(model, config.targets, method.adapter, rngs=nnx.Rngs(0))
     trainer = Trainer(model, dataclasses.replace(config.train, run_dir=None),
@@ -142,7 +147,7 @@ def test_help_lists_every_field_with_its_default(capsys):
 def test_pod_preset_and_overrides_parse():
     config = parse_cli(["--preset", "pod_multi", "--model.path", "/ckpt/llama", "--slim.top-k",
                         "3", "--train.mesh.fsdp", "4", "--methods", "slim,lora"])
-    assert config.preset == "pod_multi" and config.model.kind == "hf"
+    assert config.preset == "pod_multi" and config.model.path == "/ckpt/llama"
     assert config.task.names == ("openbookqa", "social_i_qa", "boolq")
     assert config.general.benchmarks == ("mmlu", "gsm8k", "piqa")
     assert (config.slim.top_k, config.train.mesh.fsdp, config.methods) == (3, 4, ("slim", "lora"))
@@ -151,21 +156,34 @@ def test_pod_preset_and_overrides_parse():
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--preset", "laptop"], "unknown preset 'laptop'"),
     (["--methods", "slim,moe"], "unknown method(s) 'moe'"),
-    (["--data-dir", "{empty}"], "lacks t0_templates/ag_news_classify.jsonl"),
+    (["--data-dir", "{empty}"], "has no t0_templates/*.jsonl: point --data-dir"),
     (["--data-dir", "{empty}/nowhere"], "does not exist"),
-    (["--model.path", "/no/such/model"], "model folder /no/such/model lacks checkpoint_v1.bin"),
-    (["--model.kind", "hf", "--model.path", "./no/such/hf"], "does not exist or has no config"),
+    (["--task.names", "ag_news_clasify"], "--task.names: unknown T0 template 'ag_news_clasify'; "
+                                          "known ones include ag_news_classify"),
+    (["--model.path", "/no/such/model"], "--model.path /no/such/model does not exist"),
+    (["--model.path", "./no/such/hf"], "--model.path ./no/such/hf does not exist"),
     (["--slim.top-k", "9"], "top_k must be between 1"),
     (["--task.kind", "gsm8k", "--task.validation", "yes"], "drop --task.validation"),
+    (["--data.batch-size", "0"], "--data.batch-size must be >= 1, got 0"),
+    (["--eval.batch-size", "0"], "--eval.batch-size must be >= 1, got 0"),
+    (["--eval.max-new-tokens", "300"], "--eval.max-new-tokens (300) must be below "
+                                       "--eval.max-length"),
+    (["--data.seq-len", "4096"], "--data.seq-len 4096 exceeds the model's 512 positions"),
+    (["--out", "{file}"], "is a file"),
+    (["--out", "/proc/no/such"], "cannot create or write"),
 ])
 def test_bad_input_is_one_line(argv, expected, tmp_path, shared_data, capsys):
-    argv = [a.replace("{empty}", str(tmp_path)) for a in argv]
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{empty}", str(tmp_path)).replace("{file}", str(tmp_path / "file"))
+            for a in argv]
     if "--data-dir" not in argv:
         argv += ["--data-dir", str(shared_data)]
-    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main([*argv, "--compilation-cache", "none"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err and err.startswith(f"{PROG}: error:")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_bad_flag_values_are_one_line(capsys):
