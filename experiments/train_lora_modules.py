@@ -58,7 +58,7 @@ from slim_jax.nn import LoRAConfig
 from slim_jax.parallel import MeshConfig
 from slim_jax.settings import enable_compilation_cache
 from slim_jax.tokenizer import Tokenizer
-from slim_jax.train import OptimizerConfig, TrainConfig, read_metrics
+from slim_jax.train import OptimizerConfig, TrainConfig, TrainingInterrupted, read_metrics
 from slim_jax.train.workers import StopSignals, active
 
 PROG = "python -m experiments.train_lora_modules"
@@ -153,11 +153,14 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
         if (partial / "checkpoints").is_dir():
             print(f"[{task}] resuming from its checkpoint", flush=True)
         train = dataclasses.replace(upstream.train, run_dir=str(partial))
-        module, _ = train_task_module(
-            model, layout, task, dataclasses.replace(upstream, train=train),
-            seed=spec.seed + tasks.index(task), data_dir=config.data_dir, devices=devices)
-        if Checkpointer(partial / "checkpoints").latest_step() != spec.steps:
-            stop.request("SIGTERM")
+        try:
+            module, _ = train_task_module(
+                model, layout, task, dataclasses.replace(upstream, train=train),
+                seed=spec.seed + tasks.index(task), data_dir=config.data_dir, devices=devices)
+        except TrainingInterrupted:  # never recorded as finished; its checkpoint resumes it
+            module = None
+        if module is None or Checkpointer(partial / "checkpoints").latest_step() != spec.steps:
+            stop.request(stop.requested or "SIGTERM")
             return [f"{len(tasks) - len(todo) + todo.index(task)} of {len(tasks)} modules "
                     f"finished in {out}", f"{task} at step "
                     f"{Checkpointer(partial / 'checkpoints').latest_step()} ({partial})"]
