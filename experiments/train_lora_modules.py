@@ -36,7 +36,6 @@ from experiments.presets.lorahub import preset as get_preset
 from slim_jax.data import CausalLayout, EncoderDecoderLayout
 from slim_jax.data.layout import Layout
 from slim_jax.errors import DataError, SlimJaxError
-from slim_jax.lorahub.objective import is_encoder_decoder
 from slim_jax.lorahub.upstream import (
     UpstreamConfig,
     prepare_model,
@@ -77,7 +76,7 @@ def load_model(spec: ModelSpec, data_dir: str | None) -> tuple[nnx.Module, Token
 def training_layout(model: nnx.Module, tokenizer: Tokenizer, max_length: int) -> Layout:
     """One fixed row shape (one compiled step): `max_length` tokens per row (capped at the
     model's positions), or per encoder and decoder row for T5."""
-    if is_encoder_decoder(model):
+    if model.layout == "encoder_decoder":  # slim_jax.models.family.ModelFamily
         return EncoderDecoderLayout(tokenizer, enc_lengths=(max_length,),
                                     dec_lengths=(max_length,))
     limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
@@ -124,7 +123,7 @@ def train_modules(config: UpstreamExperiment, *, model: nnx.Module | None = None
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     spec = config.upstream
-    upstream = upstream_config(spec, is_encoder_decoder(model))
+    upstream = upstream_config(spec, model.layout == "encoder_decoder")
     layout = training_layout(model, tokenizer, spec.max_length)
     devices = jax.devices()[:spec.num_devices] if spec.num_devices else None
     prepare_model(model, upstream)

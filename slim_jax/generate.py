@@ -91,9 +91,10 @@ def run(args: argparse.Namespace) -> str:
     """
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from slim_jax.models.loading import generator_for, load_model
+    from slim_jax.models.generate import generate
+    from slim_jax.models.loading import load_model
+    from slim_jax.nn import inference_view
     from slim_jax.settings import locate
 
     find = lambda path: None if path is None else locate(path, args.data_dir)
@@ -105,9 +106,8 @@ def run(args: argparse.Namespace) -> str:
     if args.adapter is not None:
         _attach(model, find(args.adapter), args)
     # Inference mode: dropout off, SLIM cluster statistics frozen, dynamic merging on.
-    model = nnx.view(model, deterministic=True, use_running_average=True,
-                     raise_if_not_found=False)
-    generation = generator_for(model)(
+    model = inference_view(model)
+    generation = generate(
         model, [args.prompt], tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, key=jax.random.key(args.seed))
     return generation.texts[0]
