@@ -20,7 +20,6 @@ from flax import nnx
 
 from slim_jax.eval import eval_view
 from slim_jax.generate import PROG, main
-from slim_jax.models import t5_generate
 from slim_jax.models.adapter_io import save_adapter_checkpoint
 from slim_jax.models.generate import generate
 from slim_jax.models.llama import Llama
@@ -184,7 +183,7 @@ def test_slim_jax_checkpoint_adapter_matches_the_library(hf_llama, tmp_path, cap
 def test_t5_answers_like_the_library(hf_t5, capsys):
     code, out, err = _cli(capsys, hf_t5, "--prompt", PROMPT, "--max-new-tokens", "10")
     assert (code, err) == (0, "")
-    expected = t5_generate.generate(T5.from_pretrained(hf_t5), [PROMPT],
+    expected = generate(T5.from_pretrained(hf_t5), [PROMPT],
                                     tokenizer=HFTokenizer(hf_t5), max_new_tokens=10)
     assert len(expected.tokens[0]) == 10 and out == expected.texts[0] + "\n"
     assert _cli(capsys, hf_t5, "--max-new-tokens", "10")[1] != out  # the input matters

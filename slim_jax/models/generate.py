@@ -254,12 +254,11 @@ def generate(
     tokens, segments = pad_batch(rows, length=length, pad_id=pad_id, side=model.prompt_side,
                                  batch=batch)
     graphdef, params, rest = split_model(model)
-    out, rest = _generate_jit(
-        graphdef, params, rest, jnp.asarray(tokens), jnp.asarray(segments),
-        jax.random.key(0) if key is None else key,
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-        stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
-    )
+    settings = (("max_new_tokens", max_new_tokens), ("temperature", float(temperature)),
+                ("top_p", float(top_p)), ("stop_ids", tuple(int(s) for s in stop_ids)),
+                ("pad_id", int(pad_id)))
+    out, rest = _generate_jit(graphdef, params, rest, jnp.asarray(tokens), jnp.asarray(segments),
+                              jax.random.key(0) if key is None else key, settings=settings)
     nnx.update(model, rest)
     new_tokens = trim_at_stop(np.asarray(out)[: len(rows)], tuple(stop_ids))
     texts = None if tokenizer is None else [tokenizer.decode(row) for row in new_tokens]
@@ -283,31 +282,20 @@ def _encode_prompts(
         else:
             row = [int(t) for t in prompt]
         if not row:
-            raise ConfigError(f"prompt {i} is an empty token list; give at least one token (a "
-                              "text prompt starts from BOS, or ends with EOS for an encoder)")
+            raise ConfigError(f"prompt {i} is empty and there is no BOS token to start from: "
+                              "give at least one token (an empty token list cannot start)")
         rows.append(row)
     return rows
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p",
-                                             "stop_ids", "pad_id"))
-def _generate_jit(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    rest: nnx.State,
-    tokens: jax.Array,
-    segments: jax.Array,
-    key: jax.Array,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    stop_ids: tuple[int, ...],
-    pad_id: int,
-) -> tuple[jax.Array, nnx.State]:
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
+def _generate_jit(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, tokens: jax.Array,
+                  segments: jax.Array, key: jax.Array, *,
+                  settings: tuple[tuple[str, Any], ...]) -> tuple[jax.Array, nnx.State]:
     """`prefill` the padded prompts `[b, p]`, then `decode_loop` over `decode_step`; one program
-    per bucket. Returns the new tokens `[b, max_new_tokens]` and the model's `rest` after the
-    last step."""
+    per bucket and `settings` (the static keyword arguments of `decode_loop` as sorted pairs).
+    Returns the new tokens `[b, max_new_tokens]` and the model's `rest` after the last step."""
+    max_new_tokens = dict(settings)["max_new_tokens"]
     (logits, state), rest = call_split(
         graphdef, params, rest, lambda model: model.prefill(tokens, segments, max_new_tokens))
 
@@ -317,7 +305,5 @@ def _generate_jit(
                                            lambda model: model.decode_step(previous, state))
         return logits, (state, rest)
 
-    out, (_, rest) = decode_loop(
-        step, (state, rest), logits, key=key, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
+    out, (_, rest) = decode_loop(step, (state, rest), logits, key=key, **dict(settings))
     return out, rest

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slim_jax.errors import CheckpointError
+from slim_jax.models.lazy import lazy_safetensors
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules, logical_to_spec
 
 PathLike = str | os.PathLike[str]
 
@@ -53,16 +56,52 @@ def read_config(model_dir: PathLike) -> dict[str, Any]:
     {'vocab_size': 8}
     """
     path = Path(model_dir) / "config.json"
+    return read_json_object(path, f"{path} does not exist: a Hugging Face model directory holds "
+                                  "config.json")
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in the file `path`; `missing` is the error when there is no such file.
+
+    Raises:
+      CheckpointError: no file (`missing`), invalid JSON, or JSON that is not an object.
+    """
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: a Hugging Face model directory holds "
-                              "config.json")
+        raise CheckpointError(missing)
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a {type(config).__name__}; expected a JSON object")
-    return config
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a {type(value).__name__}; expected a JSON object")
+    return value
+
+
+def convert_params(arrays: Mapping[str, np.ndarray],
+                   to_path: Callable[[str], tuple[str, bool]],
+                   skip: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> `{our path: array}`: each family's name map `to_path` (name ->
+    path, transposed), linear weights transposed to `[d_in, d_out]`, names `skip` says dropped.
+
+    Raises:
+      CheckpointError: a tensor to transpose that is not 2-d (named).
+
+    >>> convert_params({"w.weight": np.ones((2, 3)), "b": np.ones(1)},
+    ...                lambda n: (n.replace(".", "/"), n.endswith("weight")), lambda n: n == "b")
+    {'w/weight': array([[1., 1.],
+           [1., 1.],
+           [1., 1.]])}
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, array in arrays.items():
+        if skip(name):
+            continue
+        path, transpose = to_path(name)
+        if transpose and np.ndim(array) != 2:
+            raise CheckpointError(f"tensor {name!r} should be a 2-d linear weight, got shape "
+                                  f"{np.shape(array)}")
+        out[path] = array.T if transpose else array
+    return out
 
 
 def read_eos_ids(model_dir: PathLike, config: Mapping[str, Any]) -> tuple[int, ...]:
@@ -94,7 +133,7 @@ def read_eos_ids(model_dir: PathLike, config: Mapping[str, Any]) -> tuple[int, .
 
 
 def load_safetensors(
-    path: PathLike, *, dtype: Any = None, allow_pickle: bool = False
+    path: PathLike, *, dtype: Any = None, allow_pickle: bool = False, lazy: bool = False
 ) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint as numpy arrays, keyed by the Hugging Face tensor name.
 
@@ -105,6 +144,8 @@ def load_safetensors(
         tensors keep theirs. None keeps the stored dtypes.
       allow_pickle: also accept `pytorch_model.bin` (single or sharded), `.pt` and `.pth` files,
         read with `torch.load(weights_only=True)`. Off by default: a pickle can run code.
+      lazy: return safetensors tensors as `lazy.LazyTensor`s, read slice by slice when
+        `assign_params` places them on a mesh (pickles are read whole either way).
 
     Returns:
       `{name: array}`; bf16 tensors come back as `ml_dtypes.bfloat16` numpy arrays.
@@ -116,14 +157,14 @@ def load_safetensors(
     path = Path(path)
     cast = None if dtype is None else jnp.dtype(dtype)
     if path.is_file():
-        arrays = _load_file(path, allow_pickle)
+        arrays = _load_file(path, allow_pickle, lazy)
     elif not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}: expected a model directory or a "
                               ".safetensors file")
     elif (path / SAFETENSORS_INDEX).is_file():
-        arrays = _load_sharded(path, path / SAFETENSORS_INDEX, allow_pickle)
+        arrays = _load_sharded(path, path / SAFETENSORS_INDEX, allow_pickle, lazy)
     elif (path / SAFETENSORS_FILE).is_file():
-        arrays = _load_file(path / SAFETENSORS_FILE, allow_pickle)
+        arrays = _load_file(path / SAFETENSORS_FILE, allow_pickle, lazy)
     else:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not pickles:
@@ -144,7 +185,8 @@ def load_safetensors(
             for k, v in arrays.items()}
 
 
-def _load_sharded(directory: Path, index: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+def _load_sharded(directory: Path, index: Path, allow_pickle: bool, lazy: bool = False
+                  ) -> dict[str, np.ndarray]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -157,7 +199,7 @@ def _load_sharded(directory: Path, index: Path, allow_pickle: bool) -> dict[str,
                               f"{', '.join(missing)}")
     arrays: dict[str, np.ndarray] = {}
     for shard in shards:
-        arrays.update(_load_file(directory / shard, allow_pickle))
+        arrays.update(_load_file(directory / shard, allow_pickle, lazy))
     absent = sorted(set(weight_map) - set(arrays))
     if absent:
         raise CheckpointError(f"{index.name} lists tensors its shards do not hold: "
@@ -165,7 +207,9 @@ def _load_sharded(directory: Path, index: Path, allow_pickle: bool) -> dict[str,
     return arrays
 
 
-def _load_file(file: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+def _load_file(file: Path, allow_pickle: bool, lazy: bool = False) -> dict[str, np.ndarray]:
+    if file.suffix == ".safetensors" and lazy:
+        return lazy_safetensors(file)  # type: ignore[return-value]  (array-like, read on demand)
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -219,6 +263,8 @@ def assign_params(
     *,
     strict: bool = True,
     source: str = "checkpoint",
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> None:
     """Write `{path: array}` into the model's variables, in place, checking names and shapes.
 
@@ -233,6 +279,10 @@ def assign_params(
       strict: also require every `nnx.Param` of the model (adapter parameters, `nnx.LoRAParam`,
         excepted) to be assigned.
       source: how errors name where `arrays` came from (e.g. the checkpoint directory).
+      mesh: place each array straight into the sharding its `logical_axes` get under `rules`
+        on this mesh, each process reading only its devices' blocks (of a `LazyTensor`: only
+        those slices of the file). None: as the variable is (or on the default device).
+      rules: logical-axis rules (`slim_jax.parallel.rules`) for `mesh`.
 
     Raises:
       CheckpointError: a path names no variable of the model, a shape differs (naming the
@@ -266,6 +316,22 @@ def assign_params(
                                   f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     for name, value in arrays.items():
         var = variables[name]
+        if mesh is not None:
+            var.set_value(_place(value, var, mesh, rules, name))
+            continue
         host = np.asarray(value).astype(var.dtype, copy=False)
         sharding = getattr(var.get_value(), "sharding", None)
         var.set_value(jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host))
+
+
+def _place(value: Any, var: nnx.Variable, mesh: Mesh, rules: Rules, name: str) -> jax.Array:
+    """`value` as a global array in the sharding of `var`'s `logical_axes` (replicated without
+    them), built from the blocks of this process's devices only: a `lazy.LazyTensor` reads just
+    those slices of the file."""
+    axes = var.get_metadata().get("logical_axes")
+    spec = (PartitionSpec() if axes is None
+            else logical_to_spec(axes, var.shape, mesh, rules, where=name))
+    dtype = var.dtype
+    return jax.make_array_from_callback(
+        tuple(var.shape), NamedSharding(mesh, spec),
+        lambda index: np.asarray(value[index]).astype(dtype, copy=False))

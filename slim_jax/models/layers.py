@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -30,16 +31,56 @@ least as fast as `jax.nn.dot_product_attention`); "jax" is `jax.nn.dot_product_a
 XLA's implementation; "cudnn" is its cuDNN fused (flash) kernel, GPU only."""
 
 
-def check_attention_impl(impl: str) -> str:
-    """`impl` if it names an implementation, else a `ConfigError` listing them.
+REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots_saveable", "nothing_saveable",
+                                   "dots_with_no_batch_dims_saveable", "everything_saveable")
+"""Activation rematerialisation of each decoder / encoder layer: "none" keeps every activation
+for the backward pass; "full" recomputes the whole layer (saves only its inputs); the others are
+`jax.checkpoint_policies` of what to keep (e.g. "dots_saveable": matmul outputs kept, the rest
+recomputed)."""
 
-    >>> check_attention_impl("jax")
-    'jax'
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`, else a `ConfigError` naming `what` and the choices.
+
+    >>> check_choice("remat policy", "dots_saveable", REMAT_POLICIES)
+    'dots_saveable'
     """
-    if impl not in ATTENTION_IMPLS:
-        raise ConfigError(f"attention implementation {impl!r} is not known; expected one of "
-                          f"{', '.join(ATTENTION_IMPLS)}")
-    return impl
+    if value not in choices:
+        raise ConfigError(f"{what} {value!r} is not known; expected one of {', '.join(choices)}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExecutionConfig:
+    """How a model runs rather than what it computes; every family's config extends it.
+
+    Attributes:
+      attention: the attention implementation (`ATTENTION_IMPLS`).
+      remat: activation rematerialisation of each layer in the forward pass (`REMAT_POLICIES`).
+    """
+
+    attention: str = "xla"
+    remat: str = "none"
+
+    def __post_init__(self) -> None:
+        check_choice("attention implementation", self.attention, ATTENTION_IMPLS)
+        check_choice("remat policy", self.remat, REMAT_POLICIES)
+
+
+def remat_layer(policy: str) -> Callable[..., Any]:
+    """`call(layer, *args) -> layer(*args)`, rematerialised by `policy` (`REMAT_POLICIES`) through
+    `nnx.remat`; "none" calls the layer as it is.
+
+    >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0)); x = jnp.ones((1, 2))
+    >>> bool((remat_layer("full")(layer, x) == layer(x)).all())
+    True
+    """
+    check_choice("remat policy", policy, REMAT_POLICIES)
+    call = lambda layer, *args: layer(*args)
+    if policy == "none":
+        return call
+    saveable = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+    return nnx.remat(call, policy=saveable)
 
 
 class RMSNorm(nnx.Module):
@@ -187,7 +228,8 @@ def attention(
     Args:
       q: `[b, s, heads, d]` queries; k, v: `[b, t, kv_heads, d]`, `heads` a multiple of
         `kv_heads` (query head h reads kv head h // (heads // kv_heads)).
-      bias: added to the scores, `[b or 1, heads, s, t]` (T5's relative position bias).
+      bias: added to the scores, `[b or 1, heads or 1, s or 1, t]` (T5's relative position bias
+        and masks).
       mask: `[b, s, t]` bool, True where a query may attend; masked scores get float32's minimum.
       scale: multiplies the scores; None means none (T5); Llama passes `d**-0.5`.
       dtype: the dtype of the probabilities and output (default `q.dtype`).
@@ -206,7 +248,7 @@ def attention(
     kv_heads = k.shape[2]
     dtype = q.dtype if dtype is None else dtype
     if implementation != "xla":
-        check_attention_impl(implementation)
+        check_choice("attention implementation", implementation, ATTENTION_IMPLS)
         out = jax.nn.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), bias=bias,
             mask=None if mask is None else mask[:, None], scale=1.0 if scale is None else scale,
@@ -219,7 +261,8 @@ def attention(
     if scale is not None:
         scores = scores * scale
     if bias is not None:
-        scores = scores + bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
+        per_head = (kv_heads, groups) if bias.shape[1] == heads else (1, 1)  # [b|1, h|1, s|1, t]
+        scores = scores + bias.reshape(bias.shape[0], *per_head, *bias.shape[2:])
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)

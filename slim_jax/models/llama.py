@@ -31,28 +31,31 @@ from typing import Any, ClassVar, Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from slim_jax import hub
 from slim_jax.errors import ConfigError, ShapeError
 from slim_jax.models import hf, llama_hf
 from slim_jax.models.layers import (
+    ExecutionConfig,
     RMSNorm,
     RopeScaling,
     apply_rope,
     attention,
-    check_attention_impl,
     linear,
+    remat_layer,
     rope_cos_sin,
     rope_frequencies,
     write_kv,
 )
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules
 from slim_jax.tokenizer import Tokenizer
 
 HF_MODEL_TYPES = llama_hf.HF_MODEL_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ExecutionConfig):
     """Architecture and numerics of a Llama-family decoder.
 
     Attributes:
@@ -67,7 +70,7 @@ class LlamaConfig:
       qkv_bias, o_bias, mlp_bias: biases (Llama: `attention_bias` sets q/k/v/o; Qwen2: q/k/v only).
       bos_id, eos_ids, pad_id: special token ids from the checkpoint's config (eos may be several).
       dtype: compute dtype; param_dtype: parameter dtype (both fp32 by default).
-      attention: the attention implementation (`slim_jax.models.layers.ATTENTION_IMPLS`).
+      attention, remat: how it runs (`slim_jax.models.layers.ExecutionConfig`).
     """
 
     vocab_size: int
@@ -90,10 +93,9 @@ class LlamaConfig:
     pad_id: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention: str = "xla"
 
     def __post_init__(self) -> None:
-        check_attention_impl(self.attention)
+        super().__post_init__()
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads"):
             if not getattr(self, name) > 0:
@@ -315,9 +317,10 @@ class Llama(nnx.Module):
 
         x = self.embed_tokens(tokens)
         keys, values = [], []
+        call = remat_layer(cfg.remat)  # LlamaConfig.remat: recompute activations in the backward
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, cos, sin, mask, kv, start)
+            x, kv = call(layer, x, cos, sin, mask, kv, start)
             if kv is not None:
                 keys.append(kv[0])
                 values.append(kv[1])
@@ -377,13 +380,17 @@ class Llama(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         allow_pickle: bool = False,
+        mesh: Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
         **config_overrides: Any,
     ) -> Llama:
         """Load a Hugging Face Llama/Qwen2 checkpoint (local directory or hub id).
 
         The model is built abstractly (`nnx.eval_shape`) and filled from the safetensors, so no
         random initialisation is spent on weights that are overwritten. `config_overrides` set
-        `LlamaConfig` fields the checkpoint does not hold (e.g. `attention="jax"`).
+        `LlamaConfig` fields the checkpoint does not hold (e.g. `attention="jax"`). With a `mesh`,
+        every tensor goes straight into the sharding its `logical_axes` get under `rules`, each
+        process reading only the safetensors slices its devices hold (`hf.assign_params`).
 
         Raises:
           CheckpointError: missing files, pickle weights without `allow_pickle`, or tensors that do
@@ -396,7 +403,9 @@ class Llama(nnx.Module):
             LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype,
                                 **config_overrides),
             eos_ids=hf.read_eos_ids(directory, hf_config))
-        arrays = hf.load_safetensors(directory, dtype=param_dtype, allow_pickle=allow_pickle)
+        arrays = hf.load_safetensors(directory, dtype=param_dtype, allow_pickle=allow_pickle,
+                                     lazy=mesh is not None)
         model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-        hf.assign_params(model, llama_hf.params_from_hf(arrays, config), source=str(directory))
+        hf.assign_params(model, llama_hf.params_from_hf(arrays, config), source=str(directory),
+                         mesh=mesh, rules=rules)
         return model

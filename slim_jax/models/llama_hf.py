@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from slim_jax.errors import CheckpointError, ConfigError
+from slim_jax.errors import ConfigError
+from slim_jax.models.hf import convert_params
 from slim_jax.models.layers import RopeScaling
 
 HF_MODEL_TYPES = ("llama", "qwen2")
@@ -125,15 +126,6 @@ def params_from_hf(arrays: Mapping[str, np.ndarray], config: Any) -> dict[str, n
     Drops `lm_head.weight` when embeddings are tied and buffers transformers does not load
     (`rotary_emb.inv_freq`); any other unknown name is left for `assign_params` to report.
     """
-    out: dict[str, np.ndarray] = {}
-    for name, array in arrays.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        path, transpose = hf_name_to_path(name)
-        if transpose and np.ndim(array) != 2:
-            raise CheckpointError(f"tensor {name!r} should be a 2-d linear weight, got shape "
-                                  f"{np.shape(array)}")
-        out[path] = array.T if transpose else array
-    return out
+    return convert_params(arrays, hf_name_to_path, lambda name: (
+        name.endswith("rotary_emb.inv_freq")
+        or (name == "lm_head.weight" and config.tie_word_embeddings)))

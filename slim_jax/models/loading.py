@@ -6,18 +6,15 @@ id (any registered family: Llama family, T5), or a llama2.c checkpoint file.
 it unless another is named). Every family generates with `slim_jax.models.generate.generate`;
 attach adapters with `slim_jax.models.adapter_io`.
 
->>> import tempfile, struct
->>> import numpy as np
->>> from slim_jax.models.llama2c import MAGIC_V1
+>>> import tempfile
+>>> from slim_jax.errors import ConfigError
 >>> folder = Path(tempfile.mkdtemp())
->>> header = struct.pack("<Ii7iB", MAGIC_V1, 1, 8, 16, 1, 2, 1, 4, 32, 1).ljust(256, bytes(1))
->>> _ = (folder / "model.bin").write_bytes(header + np.ones(632, np.float32).tobytes())
->>> pieces = [b"<unk>", b"<s>", b"</s>", b" "]
->>> _ = (folder / "tokenizer.bin").write_bytes(struct.pack("<i", 5) + b"".join(
-...     struct.pack("<fi", 0.0, len(p)) + p for p in pieces))
->>> model, tokenizer = load_model(folder / "model.bin")
->>> type(model).__name__, tokenizer.vocab_size
-('Llama', 4)
+>>> _ = (folder / "config.json").write_text('{"model_type": "gpt2"}')
+>>> try:
+...     load_model(folder)
+... except ConfigError as err:
+...     print(str(err).split(": ", 1)[1][:58])
+model_type 'gpt2' is not implemented; slim_jax loads llama
 """
 
 from __future__ import annotations
@@ -87,7 +84,8 @@ def load_model(
                                   "Face model directory; for a llama2.c checkpoint pass the file "
                                   f"itself (e.g. {path / binaries[0]})")
     directory = resolve_model_dir(name_or_path)
-    cls = family_of(read_config(directory).get("model_type"))
+    cls = family_of(read_config(directory).get("model_type"),
+                    source=str(directory / "config.json"))
     model = cls.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype,
                                 allow_pickle=allow_pickle)
     return model, HFTokenizer(directory if tokenizer is None else tokenizer)

@@ -9,7 +9,6 @@ Options slim_jax does not implement are refused by name rather than silently ign
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from slim_jax.errors import CheckpointError, ConfigError
+from slim_jax.models.hf import read_json_object
 from slim_jax.nn import LoRAConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -181,16 +181,9 @@ def read_peft_config(directory: str | os.PathLike[str]) -> PeftLoRAConfig:
       ConfigError: an unsupported option is on (see `PeftLoRAConfig.from_json`).
     """
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{Path(directory)} is not a PEFT adapter directory: it has no "
-                              f"{CONFIG_FILE} (a PEFT adapter holds {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}; expected a JSON object")
+    raw = read_json_object(path, f"{Path(directory)} is not a PEFT adapter directory: it has no "
+                                 f"{CONFIG_FILE} (a PEFT adapter holds {CONFIG_FILE} and "
+                                 f"{WEIGHTS_FILE})")
     return PeftLoRAConfig.from_json(raw, source=str(path))
 
 

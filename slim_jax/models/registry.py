@@ -19,13 +19,16 @@ from slim_jax.models import llama, t5
 from slim_jax.models.family import LAYOUTS, family_members
 
 _FAMILIES: dict[str, type[nnx.Module]] = {}
+_BY_CONFIG: dict[type, type[nnx.Module]] = {}
 
 
-def register_family(model_types: Sequence[str], cls: type[nnx.Module]) -> type[nnx.Module]:
+def register_family(model_types: Sequence[str], cls: type[nnx.Module],
+                    config_type: type | None = None) -> type[nnx.Module]:
     """Load Hugging Face checkpoints whose `config.json` has one of `model_types` as `cls`.
 
     `cls` implements `slim_jax.models.family.ModelFamily` and the classmethod
-    `from_pretrained(path, *, dtype, param_dtype, allow_pickle)`. Returns `cls`.
+    `from_pretrained(path, *, dtype, param_dtype, allow_pickle)`; `config_type`, the class of
+    its config, lets `family_for_config` (and `abstract_model`) find it. Returns `cls`.
 
     Raises:
       ConfigError: `cls` lacks a member of the protocol, or a model type is taken by another
@@ -41,17 +44,35 @@ def register_family(model_types: Sequence[str], cls: type[nnx.Module]) -> type[n
             raise ConfigError(f"model_type {model_type!r} is already loaded as "
                               f"{taken.__name__}; it cannot also be {cls.__name__}")
         _FAMILIES[model_type] = cls
+    if config_type is not None:
+        _BY_CONFIG[config_type] = cls
     return cls
 
 
-def family_of(model_type: str | None) -> type[nnx.Module]:
-    """The family class registered for a Hugging Face `model_type`.
+def family_for_config(config: object) -> type[nnx.Module]:
+    """The family class built from `config` (by the config's registered class).
+
+    >>> family_for_config(llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+    ...                                     num_layers=1, num_heads=2, num_kv_heads=1)).__name__
+    'Llama'
+    """
+    cls = _BY_CONFIG.get(type(config))
+    if cls is None:
+        raise ConfigError(f"no model family is registered for a {type(config).__name__}; "
+                          f"known configs: {', '.join(sorted(t.__name__ for t in _BY_CONFIG))}")
+    return cls
+
+
+def family_of(model_type: str | None, *, source: str | None = None) -> type[nnx.Module]:
+    """The family class registered for a Hugging Face `model_type` (read from `source`, which
+    errors name).
 
     Raises:
       ConfigError: no family loads that model type (naming those that are supported).
     """
     if model_type not in _FAMILIES:
-        raise ConfigError(f"model_type {model_type!r} is not implemented; slim_jax loads "
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}model_type {model_type!r} is not implemented; slim_jax loads "
                           f"{', '.join(model_types())}")
     return _FAMILIES[model_type]
 
@@ -65,5 +86,5 @@ def model_types() -> tuple[str, ...]:
     return tuple(sorted(_FAMILIES))
 
 
-register_family(llama.HF_MODEL_TYPES, llama.Llama)
-register_family(t5.HF_MODEL_TYPES, t5.T5)
+register_family(llama.HF_MODEL_TYPES, llama.Llama, llama.LlamaConfig)
+register_family(t5.HF_MODEL_TYPES, t5.T5, t5.T5Config)

@@ -37,12 +37,14 @@ from typing import Any, ClassVar, Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from slim_jax import hub
 from slim_jax.errors import ShapeError
 from slim_jax.models import hf, t5_hf
 from slim_jax.models.t5_blocks import KV, MASKED, T5Stack, attention_mask, dense
 from slim_jax.models.t5_config import T5Config
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules
 from slim_jax.tokenizer import Tokenizer
 
 HF_MODEL_TYPES = t5_hf.HF_MODEL_TYPES
@@ -246,6 +248,7 @@ class T5(nnx.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, dtype: Any = jnp.float32,
                         param_dtype: Any = jnp.float32, allow_pickle: bool = False,
+                        mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                         **config_overrides: Any) -> T5:
         """A T5 from a Hugging Face model directory (config.json + safetensors) or hub id.
 
@@ -258,6 +261,8 @@ class T5(nnx.Module):
             the local hub cache).
           dtype: compute dtype; param_dtype: storage dtype the weights are cast to.
           allow_pickle: also accept `pytorch_model.bin` (a pickle can run code: off by default).
+          mesh, rules: put each tensor straight into its sharding on `mesh` (its
+            `logical_axes` under `rules`), reading only this process's safetensors slices.
           config_overrides: `T5Config` fields the checkpoint does not hold (`attention=...`).
 
         Raises:
@@ -268,10 +273,12 @@ class T5(nnx.Module):
         folder = hub.resolve_model_dir(name_or_path)
         config = T5Config.from_hf(hf.read_config(folder), dtype=dtype, param_dtype=param_dtype,
                                   **config_overrides)
-        tensors = hf.load_safetensors(folder, dtype=param_dtype, allow_pickle=allow_pickle)
+        tensors = hf.load_safetensors(folder, dtype=param_dtype, allow_pickle=allow_pickle,
+                                      lazy=mesh is not None)
         config = t5_hf.tie_as_checkpoint(config, tensors)
         model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-        hf.assign_params(model, t5_hf.params_from_hf(tensors, config), source=str(folder))
+        hf.assign_params(model, t5_hf.params_from_hf(tensors, config), source=str(folder),
+                         mesh=mesh, rules=rules)
         return model
 
 

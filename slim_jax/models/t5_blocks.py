@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slim_jax.models.layers import RMSNorm, attention, linear, write_kv
+from slim_jax.models.layers import RMSNorm, attention, linear, remat_layer, write_kv
 from slim_jax.models.t5_config import T5Config
 
 # Additive score of a masked key: finite, so that a fully masked (padding) query row stays NaN-free.
@@ -166,8 +166,8 @@ class T5Block(nnx.Module):
         layers.append(T5LayerFF(config, rngs=rngs))
         self.layer = nnx.List(layers)
 
-    def __call__(self, x: jax.Array, self_bias: jax.Array, *, cross_kv: KV | None = None,
-                 cross_bias: jax.Array | None = None, cache: KV | None = None,
+    def __call__(self, x: jax.Array, self_bias: jax.Array, cross_kv: KV | None = None,
+                 cross_bias: jax.Array | None = None, *, cache: KV | None = None,
                  index: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
         """x: [b, s, d] -> ([b, s, d], the updated self-attention cache or None)."""
         x, cache = self.layer[0](x, self_bias, cache, index)
@@ -229,6 +229,7 @@ class T5Stack(nnx.Module):
         self.final_layer_norm = _norm(config)
         self.is_decoder = is_decoder
         self.max_distance = config.relative_attention_max_distance
+        self.remat = config.remat
 
     def position_bias(self, query_pos: jax.Array, max_query: int, key_len: int) -> jax.Array:
         """The first block's relative position bias [1, heads, s_q, key_len] for queries at
@@ -256,7 +257,7 @@ class T5Stack(nnx.Module):
         s = x.shape[1]
         bias = self.position_bias(jnp.arange(s), s, s)
         bias = jnp.where(attention_mask(segment_ids, segment_ids, self.is_decoder), bias, MASKED)
+        call = remat_layer(self.remat)  # T5Config.remat: recompute activations in the backward
         for i, block in enumerate(self.block):
-            x, _ = block(x, bias, cross_kv=cross_kv[i] if cross_kv else None,
-                         cross_bias=cross_bias)
+            x, _ = call(block, x, bias, cross_kv[i] if cross_kv else None, cross_bias)
         return self.final_layer_norm(x)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from slim_jax.errors import ConfigError
 from slim_jax.models import t5_hf
-from slim_jax.models.layers import check_attention_impl
+from slim_jax.models.layers import ExecutionConfig
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -28,7 +28,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ExecutionConfig):
     """Shape and numerics of a T5 model; field names are transformers' `T5Config` names.
 
     The defaults are google/flan-t5-small's shape.
@@ -41,7 +41,8 @@ class T5Config:
       scale_decoder_outputs: decoder outputs times `d_model**-0.5` before the head (original T5).
       pad_token_id: padding, also T5's decoder start token; eos_token_id: ends generation.
       dtype: compute dtype (bf16 on accelerators); param_dtype: storage dtype of the parameters.
-      attention: the attention implementation (`slim_jax.models.layers.ATTENTION_IMPLS`).
+      attention, remat: how it runs (`slim_jax.models.layers.ExecutionConfig`; remat acts on
+        each encoder / decoder block of the training forward pass, decoding never needs it).
     """
 
     vocab_size: int = 32128
@@ -62,10 +63,9 @@ class T5Config:
     decoder_start_token_id: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention: str = "xla"
 
     def __post_init__(self) -> None:
-        check_attention_impl(self.attention)
+        super().__post_init__()
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
                      "num_heads", "relative_attention_max_distance"):
             value = getattr(self, name)

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from slim_jax.errors import CheckpointError, ConfigError
+from slim_jax.errors import ConfigError
+from slim_jax.models.hf import convert_params
 
 HF_MODEL_TYPES = ("t5", "mt5")
 
@@ -117,13 +118,5 @@ def params_from_hf(arrays: Mapping[str, np.ndarray], config: Any) -> dict[str, n
     Drops the names in `HF_IGNORED_NAMES`, and `lm_head.weight` when the head is tied; any other
     unknown name is left for `hf.assign_params` to report.
     """
-    out: dict[str, np.ndarray] = {}
-    for name, array in arrays.items():
-        if name in HF_IGNORED_NAMES or (name == "lm_head.weight" and config.tie_word_embeddings):
-            continue
-        path, transpose = hf_name_to_path(name)
-        if transpose and np.ndim(array) != 2:
-            raise CheckpointError(f"tensor {name!r} should be a 2-d linear weight, got shape "
-                                  f"{np.shape(array)}")
-        out[path] = array.T if transpose else array
-    return out
+    return convert_params(arrays, hf_name_to_path, lambda name: (
+        name in HF_IGNORED_NAMES or (name == "lm_head.weight" and config.tie_word_embeddings)))

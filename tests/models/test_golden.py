@@ -8,31 +8,18 @@ build (seeded, so rebuilt identically here). The one `generate` must reproduce e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from slim_jax.models import t5_generate
 from slim_jax.models.generate import generate
 from slim_jax.models.llama import Llama
 from slim_jax.models.llama2c import load_llama2c
 from slim_jax.models.t5 import T5
 
-
-def _sibling(name: str):
-    """A test module beside this one (tests are not a package under --import-mode=importlib)."""
-    path = Path(__file__).parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_golden_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-test_llama, test_t5 = _sibling("test_llama"), _sibling("test_t5")
-
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "generation.json").read_text())
+LLAMA_KINDS = [k.removeprefix("llama_") for k in GOLDEN if k.startswith("llama_")]
 
 
 def test_stories260k_greedy_texts_unchanged(shared_data):
@@ -45,18 +32,18 @@ def test_stories260k_greedy_texts_unchanged(shared_data):
     assert got.texts == want["texts"]
 
 
-@pytest.mark.parametrize("kind", list(test_llama.VARIANTS))
-def test_llama_parity_checkpoints_greedy_tokens_unchanged(kind, tmp_path):
-    test_llama._save_tiny(tmp_path, kind)
+@pytest.mark.parametrize("kind", LLAMA_KINDS)
+def test_llama_parity_checkpoints_greedy_tokens_unchanged(kind, tmp_path, sibling):
+    sibling("test_llama")._save_tiny(tmp_path, kind)
     want = GOLDEN[f"llama_{kind}"]
     got = generate(Llama.from_pretrained(tmp_path), want["prompts"],
                    max_new_tokens=want["max_new_tokens"], stop_ids=())
     assert got.tokens == want["tokens"]
 
 
-def test_t5_parity_checkpoint_greedy_tokens_unchanged(tmp_path):
-    test_t5._save_tiny_t5(tmp_path)
+def test_t5_parity_checkpoint_greedy_tokens_unchanged(tmp_path, sibling):
+    sibling("test_t5")._save_tiny_t5(tmp_path)
     want = GOLDEN["t5"]
-    got = t5_generate.generate(T5.from_pretrained(tmp_path), want["prompts"],
+    got = generate(T5.from_pretrained(tmp_path), want["prompts"],
                    max_new_tokens=want["max_new_tokens"], stop_ids=())
     assert got.tokens == want["tokens"]
