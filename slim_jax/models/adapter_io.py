@@ -17,6 +17,7 @@ layers).
 
 >>> import tempfile
 >>> from slim_jax.models.llama import Llama, LlamaConfig
+>>> from slim_jax.nn import LoRAConfig, inject
 >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1,
 ...                   num_heads=2, num_kv_heads=1)
 >>> trained = Llama(cfg, rngs=nnx.Rngs(0))

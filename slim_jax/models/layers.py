@@ -68,19 +68,33 @@ class ExecutionConfig:
 
 
 def remat_layer(policy: str) -> Callable[..., Any]:
-    """`call(layer, *args) -> layer(*args)`, rematerialised by `policy` (`REMAT_POLICIES`) through
-    `nnx.remat`; "none" calls the layer as it is.
+    """`call(layer, *args) -> layer(*args)`, rematerialised by `policy` (`REMAT_POLICIES`) with
+    `jax.checkpoint`; "none" calls the layer as it is.
 
     >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0)); x = jnp.ones((1, 2))
     >>> bool((remat_layer("full")(layer, x) == layer(x)).all())
     True
     """
     check_choice("remat policy", policy, REMAT_POLICIES)
-    call = lambda layer, *args: layer(*args)
     if policy == "none":
-        return call
+        return lambda layer, *args: layer(*args)
     saveable = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
-    return nnx.remat(call, policy=saveable)
+
+    def call(layer: nnx.Module, *args: Any) -> Any:
+        # A pure function of the layer's state under jax.checkpoint, its new state (SLIM
+        # statistics, RNG counts) written back: works however the caller traces the model
+        # (nnx transforms, or jax.grad over `nnx.merge` as the train step does).
+        graphdef, state = nnx.split(layer)
+
+        def pure(state: nnx.State, *args: Any) -> tuple[Any, nnx.State]:
+            module = nnx.merge(graphdef, state)
+            return module(*args), nnx.state(module)
+
+        out, state = jax.checkpoint(pure, policy=saveable)(state, *args)
+        nnx.update(layer, state)
+        return out
+
+    return call
 
 
 class RMSNorm(nnx.Module):

@@ -21,6 +21,7 @@ Module names are translated by the family's own Hugging Face mapping (`model.hf_
 
 >>> import tempfile
 >>> from slim_jax.models.t5 import T5, T5Config
+>>> from slim_jax.nn import LoRAConfig
 >>> cfg = T5Config(vocab_size=16, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_decoder_layers=1,
 ...                num_heads=2)
 >>> model = T5(cfg, rngs=nnx.Rngs(0))
