@@ -120,10 +120,8 @@ def generate_fns(args: argparse.Namespace, hf: Any, ours: Any) -> dict[str, Call
     """Blocking greedy generation calls of both sides: exactly --new-tokens per row."""
     import torch
 
-    if args.model == "llama":
-        from slim_jax.models.generate import generate
-    else:
-        from slim_jax.models.t5_generate import generate
+    from slim_jax.models.generate import generate  # one generate for every model family
+
     prompts = np.random.default_rng(1).integers(3, args.vocab, (args.batch, args.prompt))
     torch_prompts = torch.tensor(prompts)
     rows = prompts.tolist()

@@ -70,9 +70,9 @@ from experiments.slim_setup import (
     write_predictions,
 )
 from slim_jax.data import BatchIterator
-from slim_jax.eval import eval_view, forgetting_by_measure
+from slim_jax.eval import forgetting_by_measure
 from slim_jax.models.peft_io import save_peft
-from slim_jax.nn import inject
+from slim_jax.nn import inference_view, inject
 from slim_jax.parallel import initialize_distributed
 from slim_jax.settings import enable_compilation_cache
 from slim_jax.train import Trainer, TrainResult, read_metrics
@@ -145,7 +145,7 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
                            f"({folder / 'checkpoints'})"}
     start = time.perf_counter()
     with stop.interruptible():
-        trained = eval_view(trainer.model())
+        trained = inference_view(trainer.model())
         downstream, by_likelihood = evaluate_downstream(config, ctx.tokenizer, ctx.task, trained)
         general = ctx.capability.measure(trained)
     eval_seconds = time.perf_counter() - start

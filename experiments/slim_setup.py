@@ -27,11 +27,11 @@ from slim_jax.eval import (
     StoryCapability,
     commonsense_task,
     downstream_accuracy,
-    eval_view,
     gsm8k_task,
     mmlu_task,
     t0_classification_task,
 )
+from slim_jax.nn import inference_view
 from slim_jax.parallel import make_mesh, shard_module
 from slim_jax.settings import DATA_DIR_ENV
 from slim_jax.settings import data_dir as resolve_data_dir
@@ -247,7 +247,7 @@ def prepare(config: SlimExperiment, folder: Path | None, out: Path,
     devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
     base_model, tokenizer, where = loaded or load_checked(config, folder)
     shard_module(base_model, make_mesh(config.train.mesh, devices), config.train.rules)
-    base = eval_view(base_model)
+    base = inference_view(base_model)
     task = build_task(config, folder)
     layout = CausalLayout(tokenizer, lengths=(config.data.seq_len,))
     train_data = tokenize_examples(task.train, layout, task.template)

@@ -46,7 +46,6 @@ from slim_jax.checkpoint import Checkpointer
 from slim_jax.data import CausalLayout, EncoderDecoderLayout
 from slim_jax.data.layout import Layout
 from slim_jax.errors import DataError
-from slim_jax.lorahub.objective import is_encoder_decoder
 from slim_jax.lorahub.upstream import (
     UpstreamConfig,
     prepare_model,
@@ -74,7 +73,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> UpstreamExperiment:
 def training_layout(model: nnx.Module, tokenizer: Tokenizer, max_length: int) -> Layout:
     """One fixed row shape (one compiled step): `max_length` tokens per row (capped at the
     model's positions), or per encoder and decoder row for T5."""
-    if is_encoder_decoder(model):
+    if model.layout == "encoder_decoder":  # slim_jax.models.family.ModelFamily
         return EncoderDecoderLayout(tokenizer, enc_lengths=(max_length,),
                                     dec_lengths=(max_length,))
     limit = min(max_length, max_positions(model) or max_length)
@@ -137,7 +136,7 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
                                             dtype=config.model.dtype,
                                             param_dtype=config.model.param_dtype)
     spec = config.upstream
-    upstream = upstream_config(spec, is_encoder_decoder(model))
+    upstream = upstream_config(spec, model.layout == "encoder_decoder")
     layout = training_layout(model, tokenizer, spec.max_length)
     devices = jax.devices()[:spec.num_devices] if spec.num_devices else None
     prepare_model(model, upstream)

@@ -99,10 +99,11 @@ def run(args: argparse.Namespace) -> str:
     """
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from slim_jax.errors import ConfigError
-    from slim_jax.models.loading import generator_for, load_model
+    from slim_jax.models.generate import generate
+    from slim_jax.models.loading import load_model
+    from slim_jax.nn import inference_view
     from slim_jax.settings import locate
 
     check_args(args)
@@ -118,10 +119,9 @@ def run(args: argparse.Namespace) -> str:
     check_cache_fits(model, prompt_tokens, args.max_new_tokens)
     check_positions(model, prompt_tokens, args.max_new_tokens)
     # Inference mode: dropout off, SLIM cluster statistics frozen, dynamic merging on.
-    model = nnx.view(model, deterministic=True, use_running_average=True,
-                     raise_if_not_found=False)
+    model = inference_view(model)
     try:
-        generation = generator_for(model)(
+        generation = generate(
             model, [args.prompt], tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, key=jax.random.key(args.seed))
     except jax.errors.JaxRuntimeError as err:  # the safety net under check_cache_fits

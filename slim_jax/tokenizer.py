@@ -46,14 +46,14 @@ class HFTokenizer:
 
     Args:
       name_or_path: a local directory or a hub id (fetched through
-        `slim_jax.models.hf.resolve_model_dir`, so offline runs fail with a clear error).
+        `slim_jax.hub.resolve_model_dir`, so offline runs fail with a clear error).
     """
 
     def __init__(self, name_or_path: str | os.PathLike[str]):
         from transformers import AutoTokenizer
 
         from slim_jax.errors import CheckpointError
-        from slim_jax.models.hf import resolve_model_dir
+        from slim_jax.hub import resolve_model_dir
 
         directory = resolve_model_dir(name_or_path, required=())
         if not any((directory / name).is_file() for name in _HF_TOKENIZER_FILES):

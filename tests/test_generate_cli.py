@@ -19,16 +19,14 @@ import transformers
 from flax import nnx
 
 from slim_jax.errors import ConfigError
-from slim_jax.eval import eval_view
 from slim_jax.generate import PROG, check_positions, main
-from slim_jax.models import t5_generate
 from slim_jax.models.adapter_io import save_adapter_checkpoint
 from slim_jax.models.generate import generate
 from slim_jax.models.llama import Llama
 from slim_jax.models.llama2c import load_llama2c
 from slim_jax.models.peft_io import load_peft, save_peft
 from slim_jax.models.t5 import T5
-from slim_jax.nn import LoRAConfig, SlimConfig, adapted_layers, inject
+from slim_jax.nn import LoRAConfig, SlimConfig, adapted_layers, inference_view, inject
 from slim_jax.tokenizer import HFTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +172,7 @@ def test_slim_jax_checkpoint_adapter_matches_the_library(hf_llama, tmp_path, cap
     tokenizer = HFTokenizer(base)
     plain = generate(Llama.from_pretrained(base), [PROMPT], tokenizer=tokenizer,
                      max_new_tokens=12)
-    expected = generate(eval_view(model), [PROMPT], tokenizer=tokenizer, max_new_tokens=12)
+    expected = generate(inference_view(model), [PROMPT], tokenizer=tokenizer, max_new_tokens=12)
     assert len(expected.tokens[0]) == 12 and expected.texts != plain.texts
     code, out, err = _cli(capsys, base, "--adapter", tmp_path / "checkpoints" / "5", "--prompt",
                           PROMPT, "--max-new-tokens", "12")
@@ -185,7 +183,7 @@ def test_slim_jax_checkpoint_adapter_matches_the_library(hf_llama, tmp_path, cap
 def test_t5_answers_like_the_library(hf_t5, capsys):
     code, out, err = _cli(capsys, hf_t5, "--prompt", PROMPT, "--max-new-tokens", "10")
     assert (code, err) == (0, "")
-    expected = t5_generate.generate(T5.from_pretrained(hf_t5), [PROMPT],
+    expected = generate(T5.from_pretrained(hf_t5), [PROMPT],
                                     tokenizer=HFTokenizer(hf_t5), max_new_tokens=10)
     assert len(expected.tokens[0]) == 10 and out == expected.texts[0] + "\n"
     assert _cli(capsys, hf_t5, "--max-new-tokens", "10")[1] != out  # the input matters

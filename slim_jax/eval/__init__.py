@@ -56,7 +56,6 @@ from slim_jax.eval.general import (
 )
 from slim_jax.eval.scoring import (
     apply_model,
-    eval_view,
     sequence_log_likelihoods,
     target_log_probs,
 )
@@ -87,7 +86,6 @@ __all__ = [
     "choices_from_instruction",
     "commonsense_task",
     "downstream_accuracy",
-    "eval_view",
     "extract_choice",
     "extract_label",
     "extract_number",

@@ -22,7 +22,7 @@ from flax import nnx
 
 from slim_jax.data import CausalLayout
 from slim_jax.errors import ConfigError
-from slim_jax.eval.scoring import sequence_log_likelihoods
+from slim_jax.eval.scoring import require_causal, sequence_log_likelihoods
 from slim_jax.eval.tasks import DownstreamTask
 from slim_jax.models.generate import bucket_length, generate
 from slim_jax.tokenizer import Tokenizer
@@ -79,6 +79,7 @@ def generate_texts(
       max_prompt_tokens: longer prompts keep BOS and their last tokens.
       batch_size: prompts per generation call.
     """
+    require_causal(model, "generate_texts")
     if max_prompt_tokens < 2 or batch_size < 1:
         raise ConfigError(f"need max_prompt_tokens >= 2 and batch_size >= 1, got "
                           f"{max_prompt_tokens} and {batch_size}")

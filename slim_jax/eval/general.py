@@ -23,7 +23,7 @@ from flax import nnx
 
 from slim_jax.data import CausalLayout, TokenizedExample
 from slim_jax.errors import ConfigError
-from slim_jax.eval.scoring import apply_model, ordered_batches
+from slim_jax.eval.scoring import apply_model, ordered_batches, require_causal
 from slim_jax.models.generate import generate
 from slim_jax.tokenizer import Tokenizer
 
@@ -52,6 +52,7 @@ def sample_stories(
     Raises:
       ConfigError: a tokenizer without BOS, or settings that can never yield enough stories.
     """
+    require_causal(model, "sample_stories")
     if tokenizer.bos_id is None:
         raise ConfigError("sampling stories from BOS needs a tokenizer with a BOS token")
     if num_stories < 1 or max_new_tokens < min_tokens:
@@ -98,6 +99,7 @@ def story_reference(
     batch_size: int = 16,
 ) -> StoryReference:
     """Batch `stories` (cut to `max_length` positions) and record `base`'s distributions."""
+    require_causal(base, "story_reference")
     layout = CausalLayout(tokenizer, lengths=(max_length,))
     examples = [layout.fit(TokenizedExample(np.asarray(s[:1], np.int32),
                                             np.asarray(s[1:], np.int32))) for s in stories]

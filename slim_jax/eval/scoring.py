@@ -27,16 +27,27 @@ from slim_jax.models.functional import call_split, split_model
 Batch = Mapping[str, jax.Array]
 
 
-def eval_view(model: nnx.Module) -> nnx.Module:
-    """`model` in inference mode, sharing its variables: dropout off, SLIM cluster statistics
-    frozen and dynamic merging on (`use_running_average=True`).
 
-    >>> from slim_jax.nn import SlimConfig, SlimLinear
-    >>> layer = SlimLinear(2, 2, SlimConfig(rank=1, num_clusters=1), rngs=nnx.Rngs(0))
-    >>> eval_view(layer).use_running_average, layer.use_running_average
-    (True, False)
+def require_causal(model: nnx.Module, what: str) -> None:
+    """Refuse a model whose family is not decoder-only: evaluation builds causal-LM rows.
+
+    Reads the family's `layout` (`slim_jax.models.family.ModelFamily`); a plain NNX model
+    without one is taken to be causal (it reads the causal batch keys).
+
+    >>> from slim_jax.models.t5 import T5, T5Config
+    >>> t5 = nnx.eval_shape(lambda: T5(T5Config(vocab_size=8, d_model=4, d_kv=2, d_ff=4,
+    ...     num_layers=1, num_decoder_layers=1, num_heads=2), rngs=nnx.Rngs(0)))
+    >>> try:
+    ...     require_causal(t5, "scoring")
+    ... except ConfigError as err:
+    ...     print(str(err)[:46])
+    scoring scores decoder-only (causal) models; t
     """
-    return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+    layout = getattr(model, "layout", "causal")
+    if layout != "causal":
+        raise ConfigError(f"{what} scores decoder-only (causal) models; this "
+                          f"{type(model).__name__} is an {layout} model: score it with "
+                          "slim_jax.lorahub (encoder-decoder tasks) or a decoder-only model")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -49,7 +60,7 @@ def apply_model(model: nnx.Module, fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(model, *args)` under `jax.jit`, writing the model's non-parameter state back.
 
     Args:
-      model: any NNX model (pass `eval_view(model)` for inference).
+      model: any NNX model (pass `slim_jax.nn.inference_view(model)` for inference).
       fn: a module-level function `(model, *args) -> pytree of arrays` (hashable: the compiled
         program is cached per function, model structure and argument shapes).
       *args: array arguments (batches).
@@ -105,7 +116,7 @@ def sequence_log_likelihoods(
     """Log-likelihood of each example's response given its prompt.
 
     Args:
-      model: a causal LM with `batch_logits` (use `eval_view(model)` for inference mode).
+      model: a causal LM with `batch_logits` (use `inference_view(model)` for inference mode).
       examples: tokenised (prompt, response) pairs, fitted to `layout`.
       layout: builds the rows; its lengths are the compiled shapes.
       batch_size: rows per forward pass.
@@ -124,6 +135,7 @@ def sequence_log_likelihoods(
     >>> counts.tolist(), bool((sums < 0).all())
     ([2.0, 4.0], True)
     """
+    require_causal(model, "sequence_log_likelihoods")
     sums, counts = [], []
     for batch, rows in ordered_batches(examples, layout, batch_size):
         total, count = apply_model(model, _row_log_likelihood, batch)

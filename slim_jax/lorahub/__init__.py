@@ -29,7 +29,6 @@ from slim_jax.lorahub.objective import (
     LOSS_MODES,
     Objective,
     build_objective,
-    is_encoder_decoder,
     objective_layout,
 )
 from slim_jax.lorahub.predict import greedy_answers
@@ -83,7 +82,6 @@ __all__ = [
     "fold",
     "gradient_search",
     "greedy_answers",
-    "is_encoder_decoder",
     "load_module",
     "module_draws",
     "module_from_model",

@@ -128,7 +128,7 @@ def find_module(module_id: str, module_dir: str | os.PathLike[str] | None = None
         the places looked in.
     """
     from slim_jax.errors import CheckpointError
-    from slim_jax.models.hf import resolve_model_dir
+    from slim_jax.hub import resolve_model_dir
 
     if module_dir is not None:
         for path in module_candidates(module_id, module_dir):

@@ -42,11 +42,6 @@ L1_COEFF = 0.05
 MAX_LENGTH = 2048
 
 
-def is_encoder_decoder(model: nnx.Module) -> bool:
-    """Whether `model` is an encoder-decoder (it has `encode`, as `slim_jax.models.t5.T5`)."""
-    return callable(getattr(model, "encode", None))
-
-
 def objective_layout(model: nnx.Module, tokenizer: Tokenizer,
                      max_length: int = MAX_LENGTH) -> Layout:
     """The batch layout of the ADAPT examples for `model`, truncating at `max_length` tokens.
@@ -66,7 +61,7 @@ def objective_layout(model: nnx.Module, tokenizer: Tokenizer,
     """
     if max_length < 2:
         raise ConfigError(f"max_length must be >= 2 tokens, got {max_length}")
-    if is_encoder_decoder(model):
+    if model.layout == "encoder_decoder":  # slim_jax.models.family.ModelFamily
         lengths = _bucket_lengths(max_length)
         return EncoderDecoderLayout(tokenizer, enc_lengths=lengths, dec_lengths=lengths)
     limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from slim_jax.data.layout import keep_end
 from slim_jax.errors import ConfigError
-from slim_jax.lorahub.objective import MAX_LENGTH, is_encoder_decoder
+from slim_jax.lorahub.objective import MAX_LENGTH
+from slim_jax.models.generate import generate
 from slim_jax.tokenizer import Tokenizer
 
 
@@ -34,15 +35,14 @@ def prompt_ids(model: nnx.Module, tokenizer: Tokenizer, prompt: str, *,
     >>> prompt_ids(Llama(cfg, rngs=nnx.Rngs(0)), ByteTokenizer(), "abcdef", max_new_tokens=4)
     [1, 103, 104, 105]
     """
-    if is_encoder_decoder(model):
-        ids = np.asarray(tokenizer.encode(prompt, add_eos=True), np.int32)
+    ids = np.asarray(model.encode_prompt(tokenizer, prompt), np.int32)  # family.ModelFamily
+    if model.layout == "encoder_decoder":
         return keep_end(ids, max_length, keep_first=False).tolist()
     positions = getattr(model.config, "max_position_embeddings", max_length)
     limit = min(max_length, positions - max_new_tokens)
     if limit < 2:
         raise ConfigError(f"max_new_tokens={max_new_tokens} leaves {limit} of the model's "
                           f"{positions} positions for the prompt; lower max_new_tokens")
-    ids = np.asarray(tokenizer.encode(prompt, add_bos=True), np.int32)
     return keep_end(ids, limit, keep_first=tokenizer.bos_id is not None).tolist()
 
 
@@ -59,7 +59,8 @@ def greedy_answers(
     """Greedy continuations of `prompts`, in order, as text without special tokens.
 
     Args:
-      model: a `Llama` or `T5` (base, or a composition from `AttachedLibrary.merged_model`).
+      model: any model family (`Llama`, `T5`; base, or a composition from
+        `AttachedLibrary.merged_model`).
       tokenizer: the model's tokenizer.
       prompts: the texts to answer.
       max_new_tokens: the most tokens generated per prompt (stops earlier at EOS).
@@ -79,9 +80,6 @@ def greedy_answers(
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} "
                           f"and {batch_size}")
-    from slim_jax.models.loading import generator_for
-
-    generate = generator_for(model)
     rows = [prompt_ids(model, tokenizer, p, max_new_tokens=max_new_tokens, max_length=max_length)
             for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))

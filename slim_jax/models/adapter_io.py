@@ -12,10 +12,12 @@ Two formats hold adapters:
 
 The adapter spec is a JSON list of groups, one per distinct adapter config, in layer order:
 `[{"adapter": "lora" | "slim", "config": {LoRAConfig / SlimConfig fields}, "layers": [path, ...]}]`
-(`adapter_spec(model)` writes it, `inject_spec(model, spec)` rebuilds the layers).
+(`slim_jax.nn.adapter_spec(model)` writes it, `slim_jax.nn.inject_spec(model, spec)` rebuilds the
+layers).
 
 >>> import tempfile
 >>> from slim_jax.models.llama import Llama, LlamaConfig
+>>> from slim_jax.nn import LoRAConfig, inject
 >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1,
 ...                   num_heads=2, num_kv_heads=1)
 >>> trained = Llama(cfg, rngs=nnx.Rngs(0))
@@ -38,24 +40,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
 from slim_jax.checkpoint import META, Checkpointer, check_finite, plain
-from slim_jax.errors import CheckpointError, ConfigError
-from slim_jax.models import hf, peft_io
-from slim_jax.nn import LoRAConfig, LoRALinear, SlimConfig, adapted_layers, inject, module_path
+from slim_jax.errors import CheckpointError
+from slim_jax.hub import resolve_model_dir
+from slim_jax.models import peft_io
+from slim_jax.nn import (
+    ADAPTER_SPEC_KEY,
+    LoRAConfig,
+    SlimConfig,
+    adapted_layers,
+    adapter_spec,
+    inject_spec,
+)
+from slim_jax.nn.spec import config_json, parse_spec
 
-ADAPTER_SPEC_KEY = "adapter_spec"
-"""The key of the adapter spec in a slim_jax checkpoint's JSON metadata."""
 ADAPTERS_ITEM, STATE_ITEM = "adapters", "state"
 """The items of `Trainer.checkpoint_items` that inference needs (not the optimiser)."""
 CHECKPOINTS_FOLDER = "checkpoints"
 """Where a training run keeps its `Checkpointer` folder inside its `run_dir`."""
 
-_KINDS: dict[str, type[LoRAConfig] | type[SlimConfig]] = {"lora": LoRAConfig, "slim": SlimConfig}
 _EXPECTED = ("a PEFT adapter directory (holding adapter_config.json and "
              "adapter_model.safetensors) or its hub id, or a slim_jax checkpoint directory (a "
              "Checkpointer folder of step folders such as <run_dir>/checkpoints, one of its step "
@@ -65,7 +72,6 @@ _EXPECTED = ("a PEFT adapter directory (holding adapter_config.json and "
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 PathLike = str | os.PathLike[str]
-AdapterSpec = list[dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +120,7 @@ def find_adapter(path: PathLike, *, allow_pickle: bool = False) -> AdapterSource
     raw, path = str(path), Path(path).expanduser()
     if not path.exists() and _HUB_ID.match(raw):
         patterns = ("*.json", "*.safetensors", *(("*.bin",) if allow_pickle else ()))
-        return AdapterSource("peft", hf.resolve_model_dir(raw, required=(peft_io.CONFIG_FILE,),
+        return AdapterSource("peft", resolve_model_dir(raw, required=(peft_io.CONFIG_FILE,),
                                                           allow_patterns=patterns))
     if not path.exists():
         raise CheckpointError(f"adapter {raw!r} does not exist; expected {_EXPECTED}")
@@ -162,117 +168,6 @@ def attach_adapter(
         return peft_io.load_peft(model, source.directory, allow_pickle=allow_pickle,
                                  base_model_name_or_path=base_model_name_or_path)
     return load_adapter_checkpoint(model, source.directory, step=source.step)
-
-
-# -- the adapter spec ------------------------------------------------------------------------
-
-
-def _config_json(config: LoRAConfig | SlimConfig) -> dict[str, Any]:
-    """The config's fields as JSON values (dtypes by name)."""
-    out = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if value is not None and not isinstance(value, str | int | float | bool):
-            value = jnp.dtype(value).name
-        out[field.name] = value
-    return out
-
-
-def adapter_spec(model: nnx.Module) -> AdapterSpec:
-    """The adapter spec of `model` (module docstring): its adapted layers grouped by config.
-
-    Merged LoRA layers are described like unmerged ones (their factors are the same).
-
-    >>> model = nnx.List([nnx.Linear(4, 4, rngs=nnx.Rngs(0)) for _ in range(2)])
-    >>> _ = inject(model, "0", LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(1))
-    >>> [(g["adapter"], g["config"]["rank"], g["layers"]) for g in adapter_spec(model)]
-    [('lora', 2, ['0'])]
-    """
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for path, layer in adapted_layers(model).items():
-        kind = "lora" if isinstance(layer, LoRALinear) else "slim"
-        config = _config_json(layer.config)
-        group = groups.setdefault((kind, repr(sorted(config.items()))),
-                                  {"adapter": kind, "config": config, "layers": []})
-        group["layers"].append(path)
-    return list(groups.values())
-
-
-def _parse_spec(spec: Any, source: str) -> dict[str, LoRAConfig | SlimConfig]:
-    """`{layer path: config}` of a JSON adapter spec, every field checked."""
-    if not isinstance(spec, list) or not spec:
-        raise CheckpointError(f"{source}: the adapter spec must be a non-empty list of groups "
-                              f"{{'adapter', 'config', 'layers'}}, got {type(spec).__name__}")
-    layers: dict[str, LoRAConfig | SlimConfig] = {}
-    for i, group in enumerate(spec):
-        if not isinstance(group, Mapping) or set(group) != {"adapter", "config", "layers"}:
-            raise CheckpointError(f"{source}: adapter spec group {i} must have exactly the keys "
-                                  f"'adapter', 'config' and 'layers', got {group!r:.200}")
-        kind, fields, paths = group["adapter"], group["config"], group["layers"]
-        if kind not in _KINDS:
-            raise CheckpointError(f"{source}: adapter spec group {i} has adapter {kind!r}; "
-                                  f"accepted: {', '.join(map(repr, _KINDS))}")
-        cls = _KINDS[kind]
-        known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(fields, Mapping) or set(fields) - known:
-            unknown = sorted(set(fields) - known) if isinstance(fields, Mapping) else fields
-            raise CheckpointError(f"{source}: adapter spec group {i} ({cls.__name__}) has "
-                                  f"unknown fields {unknown}; accepted: {sorted(known)}")
-        try:
-            config = cls(**fields)
-        except (ConfigError, TypeError) as err:
-            raise CheckpointError(f"{source}: adapter spec group {i}: {err}") from err
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise CheckpointError(f"{source}: adapter spec group {i}: 'layers' must be a list "
-                                  "of layer paths such as 'layers/0/self_attn/q_proj'")
-        for path in paths:
-            if path in layers:
-                raise CheckpointError(f"{source}: the adapter spec lists layer {path!r} twice")
-            layers[path] = config
-    return layers
-
-
-def inject_spec(model: nnx.Module, spec: AdapterSpec, *, rngs: nnx.Rngs | None = None,
-                source: str = "adapter spec") -> list[str]:
-    """Inject the adapters an adapter spec describes into `model`, in place.
-
-    Args:
-      model: a model whose listed layers are plain `nnx.Linear`.
-      spec: from `adapter_spec` (or a checkpoint's metadata).
-      rngs: initialises the new adapters (to be overwritten by a restore); default seed 0.
-      source: how errors name where the spec came from.
-
-    Returns:
-      The sorted paths of the layers adapted.
-
-    Raises:
-      CheckpointError: a malformed spec, or a layer the model lacks (naming it).
-
-    >>> model = nnx.List([nnx.Linear(4, 4, rngs=nnx.Rngs(0)) for _ in range(2)])
-    >>> spec = [{"adapter": "lora", "config": {"rank": 2}, "layers": ["1"]}]
-    >>> inject_spec(model, spec), type(model[1]).__name__
-    (['1'], 'LoRALinear')
-    """
-    layers = _parse_spec(spec, source)
-    linears = {module_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
-    missing = [path for path in layers if path not in linears]
-    if missing:
-        raise CheckpointError(
-            f"{source} puts adapters on {len(missing)} layer(s) this {type(model).__name__} does "
-            f"not have: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (is it for "
-            f"another base model? its linear layers look like {', '.join(sorted(linears)[:3])})")
-    taken = [path for path in layers if type(linears[path]) is not nnx.Linear]
-    if taken:
-        raise CheckpointError(f"{source}: layer(s) {', '.join(taken[:5])} already carry an "
-                              "adapter; load onto a model without adapters")
-    rngs = nnx.Rngs(0) if rngs is None else rngs
-    by_config: dict[int, tuple[LoRAConfig | SlimConfig, list[str]]] = {}
-    for path, config in layers.items():
-        by_config.setdefault(id(config), (config, []))[1].append(path)
-    for config, paths in by_config.values():
-        pattern = "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
-        inject(model, pattern, config, rngs=rngs)
-    return sorted(layers)
 
 
 # -- slim_jax checkpoints --------------------------------------------------------------------
@@ -362,9 +257,9 @@ def load_adapter_checkpoint(
                 f"it holds adapters on {len(layers)} layer(s): {', '.join(layers[:4])}"
                 f"{' ...' if len(layers) > 4 else ''}")
         if spec is not None:
-            wanted = _parse_spec(spec, source)
+            wanted = parse_spec(spec, source)
             if present:
-                _check_same_adapters(_parse_spec(present, "the model"), wanted, source)
+                _check_same_adapters(parse_spec(present, "the model"), wanted, source)
             else:
                 inject_spec(model, spec, source=source)
         items = _inference_items(model)
@@ -419,7 +314,7 @@ def _check_same_adapters(have: Mapping[str, Any], want: Mapping[str, Any], sourc
 
     for path in sorted(set(have) | set(want)):
         mine, theirs = have.get(path), want.get(path)
-        if mine is None or theirs is None or _config_json(mine) != _config_json(theirs):
+        if mine is None or theirs is None or config_json(mine) != config_json(theirs):
             raise CheckpointError(
                 f"the model's adapters differ from those of {source} at layer {path!r}: the model "
                 f"has {show(mine) if mine else 'none'}, the checkpoint "

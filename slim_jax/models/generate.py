@@ -1,10 +1,12 @@
-"""Batched autoregressive generation with a KV cache, compiled once per shape bucket.
+"""Batched generation for every model family, compiled once per shape bucket.
 
-`generate` drives any decoder-only model with the `DecoderLM` interface (`Llama`): prompts are
-left-padded to a power-of-two bucket (rows too), the prompt fills the cache in one call (prefill),
-and one `jax.lax.while_loop` picks and feeds tokens until every row has stopped or
-`max_new_tokens` are written. The whole generation is one jitted function, so neither a new token
-nor a new batch of the same bucket recompiles.
+`generate` drives any model that implements `slim_jax.models.family.ModelFamily` (`Llama`, `T5`, a
+new family): prompts are encoded by the family (`encode_prompt`), padded on the family's
+`prompt_side` to a power-of-two bucket (rows too), run in one call (`prefill`: a decoder-only model
+fills its KV cache; an encoder-decoder encodes once and computes its cross-attention keys and
+values), and one `jax.lax.while_loop` picks and feeds tokens (`decode_step`) until every row has
+stopped or `max_new_tokens` are written. The whole generation is one jitted function, so neither a
+new token nor a new batch of the same bucket recompiles.
 
 The model runs as a pure function (`slim_jax.models.functional`): its parameters are inputs, and
 the rest of its state (RNG streams, SLIM cluster statistics) is carried through the prefill and
@@ -12,24 +14,25 @@ every loop step and written back when the call returns. A SLIM layer with dynami
 draws fresh channel masks on every forward pass, the prefill and each new token alike (SLIM.md s3),
 and its stream advances deterministically: the same stream state and inputs give the same text
 (`nnx.reseed(model, slim=seed)` to repeat a generation). Generate in inference mode
-(`model.eval()`, `slim_jax.eval.eval_view`): a model in training mode updates its cluster
-statistics from the padded prompts and the generated tokens, and keeps those updates.
+(`slim_jax.nn.inference_view`): a model in training mode updates its cluster statistics from the
+padded prompts and the generated tokens, and keeps those updates.
 
-Building blocks shared with encoder-decoder generation (T5): an encoder-decoder generator encodes
-once, then calls `decode_loop` with a step that runs the decoder on the cached encoder output:
-  - `bucket_length(n)`: the static length a size is padded to;
-  - `pad_batch(rows, length=..., pad_id=..., side=...)`: ragged id lists -> tokens + segment ids;
-  - `decode_loop(step, carry, logits, ...)`: the jit-friendly sampling loop with per-row stopping;
-    it returns the final carry, through which the caller threads the model's mutable state;
-  - `trim_at_stop(tokens, stop_ids)`: cut each generated row before its first stop token;
-  - `Generation`: the result (token ids and texts).
+Building blocks: `bucket_length(n)` (the static length a size is padded to), `pad_batch` (ragged
+id lists -> tokens + segment ids), `decode_loop` (the jit-friendly sampling loop with per-row
+stopping), `trim_at_stop` (cut each row before its first stop token), `Generation` (the result).
 
 >>> from flax import nnx
 >>> from slim_jax.models.llama import Llama, LlamaConfig
+>>> from slim_jax.models.t5 import T5, T5Config
 >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1,
 ...                   num_heads=2, num_kv_heads=1)
 >>> out = generate(Llama(cfg, rngs=nnx.Rngs(0)), [[1, 5, 7], [1]], max_new_tokens=4,
 ...                stop_ids=())
+>>> [len(row) for row in out.tokens]
+[4, 4]
+>>> cfg = T5Config(vocab_size=16, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1,
+...                num_heads=2)
+>>> out = generate(T5(cfg, rngs=nnx.Rngs(0)), [[5, 7, 1], [3, 1]], max_new_tokens=4, stop_ids=())
 >>> [len(row) for row in out.tokens]
 [4, 4]
 """
@@ -39,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -47,20 +50,12 @@ import numpy as np
 from flax import nnx
 
 from slim_jax.errors import ConfigError
+from slim_jax.models.family import ModelFamily
 from slim_jax.models.functional import call_split, split_model
 from slim_jax.models.sampling import check_sampling, next_token
 from slim_jax.tokenizer import Tokenizer
 
 Carry = Any
-
-
-class DecoderLM(Protocol):
-    """What `generate` needs of a decoder-only model (see `slim_jax.models.llama.Llama`)."""
-
-    def init_cache(self, batch: int, max_len: int) -> Any: ...
-
-    def __call__(self, tokens: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
-                 cache: Any, last_only: bool = False) -> tuple[jax.Array, Any]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +196,7 @@ def trim_at_stop(tokens: np.ndarray, stop_ids: Sequence[int]) -> list[list[int]]
 
 
 def generate(
-    model: DecoderLM,
+    model: ModelFamily,
     prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
     tokenizer: Tokenizer | None = None,
@@ -213,15 +208,17 @@ def generate(
     pad_id: int | None = None,
     min_bucket: int = 16,
 ) -> Generation:
-    """Continue a batch of prompts: greedy by default, or temperature / nucleus sampling.
+    """Continue (or answer) a batch of prompts: greedy by default, or temperature / nucleus
+    sampling.
 
     Every forward pass (the prefill, then one per new token) may update the model's non-parameter
     state, e.g. advance a SLIM layer's mask stream; the updated state is written back into `model`.
 
     Args:
-      model: a decoder-only model (`Llama`), usually in inference mode (`model.eval()`).
-      prompts: texts (encoded with `tokenizer`, BOS in front when it has one; "" starts from BOS)
-        or token id lists (used as given).
+      model: any `ModelFamily` (`Llama`, `T5`, ...), usually in inference mode.
+      prompts: texts (encoded by the family with `tokenizer`: BOS in front for a decoder, EOS
+        behind for T5's encoder; "" starts from BOS, or is T5's `[EOS]`) or token id lists (used
+        as given).
       tokenizer: encodes text prompts and decodes the results into `Generation.texts`.
       max_new_tokens: the most tokens generated per prompt.
       temperature: 0 for greedy; otherwise sampling at this temperature (needs `key`).
@@ -236,7 +233,7 @@ def generate(
       `Generation` with the new token ids per prompt (stop token excluded) and their texts.
 
     Raises:
-      ConfigError: text prompts without a tokenizer, an empty prompt with no BOS to start from,
+      ConfigError: text prompts without a tokenizer, an empty prompt (no BOS to start from),
         bad sampling settings, or `temperature > 0` without a key.
     """
     check_sampling(temperature, top_p)
@@ -244,8 +241,8 @@ def generate(
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature > 0 and key is None:
         raise ConfigError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(s)")
-    rows = _encode_prompts(prompts, tokenizer)
-    config = getattr(model, "config", None)
+    rows = _encode_prompts(model, prompts, tokenizer)
+    config = model.config
     if stop_ids is None:
         stop_ids = getattr(config, "eos_ids", None) or (
             () if tokenizer is None else (tokenizer.eos_id,))
@@ -254,14 +251,14 @@ def generate(
                   else getattr(config, "pad_id", None)) or 0
     length = bucket_length(max(len(row) for row in rows), minimum=min_bucket)
     batch = bucket_length(len(rows), minimum=1)
-    tokens, segments = pad_batch(rows, length=length, pad_id=pad_id, batch=batch)
+    tokens, segments = pad_batch(rows, length=length, pad_id=pad_id, side=model.prompt_side,
+                                 batch=batch)
     graphdef, params, rest = split_model(model)
-    out, rest = _generate_jit(
-        graphdef, params, rest, jnp.asarray(tokens), jnp.asarray(segments),
-        jax.random.key(0) if key is None else key,
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-        stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
-    )
+    settings = (("max_new_tokens", max_new_tokens), ("temperature", float(temperature)),
+                ("top_p", float(top_p)), ("stop_ids", tuple(int(s) for s in stop_ids)),
+                ("pad_id", int(pad_id)))
+    out, rest = _generate_jit(graphdef, params, rest, jnp.asarray(tokens), jnp.asarray(segments),
+                              jax.random.key(0) if key is None else key, settings=settings)
     nnx.update(model, rest)
     new_tokens = trim_at_stop(np.asarray(out)[: len(rows)], tuple(stop_ids))
     texts = None if tokenizer is None else [tokenizer.decode(row) for row in new_tokens]
@@ -269,7 +266,8 @@ def generate(
 
 
 def _encode_prompts(
-    prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Tokenizer | None
+    model: ModelFamily, prompts: Sequence[str] | Sequence[Sequence[int]],
+    tokenizer: Tokenizer | None,
 ) -> list[list[int]]:
     if isinstance(prompts, str):
         raise ConfigError("prompts must be a list of prompts; wrap a single prompt as [prompt]")
@@ -280,57 +278,32 @@ def _encode_prompts(
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ConfigError("text prompts need a tokenizer; pass tokenizer= or token ids")
-            row = tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None)
+            row = model.encode_prompt(tokenizer, prompt)
         else:
             row = [int(t) for t in prompt]
         if not row:
-            raise ConfigError(f"prompt {i} is empty and there is no BOS token to start from")
+            raise ConfigError(f"prompt {i} is empty and there is no BOS token to start from: "
+                              "give at least one token (an empty token list cannot start)")
         rows.append(row)
     return rows
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p",
-                                             "stop_ids", "pad_id"))
-def _generate_jit(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    rest: nnx.State,
-    tokens: jax.Array,
-    segments: jax.Array,
-    key: jax.Array,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    stop_ids: tuple[int, ...],
-    pad_id: int,
-) -> tuple[jax.Array, nnx.State]:
-    """Prefill the left-padded prompts `[b, p]`, then `decode_loop`; one program per bucket.
-
-    Returns the new tokens `[b, max_new_tokens]` and the model's `rest` after the last step.
-    """
-    batch, length = tokens.shape
-    # Left padding: a row's real tokens sit at positions 0..n-1 whatever its padding.
-    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
-
-    def prefill(model):
-        cache = model.init_cache(batch, length + max_new_tokens)
-        return model(tokens, positions=positions, segment_ids=segments, cache=cache,
-                     last_only=True)
-
-    (logits, cache), rest = call_split(graphdef, params, rest, prefill)
-    ones = jnp.ones((batch, 1), jnp.int32)
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
+def _generate_jit(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, tokens: jax.Array,
+                  segments: jax.Array, key: jax.Array, *,
+                  settings: tuple[tuple[str, Any], ...]) -> tuple[jax.Array, nnx.State]:
+    """`prefill` the padded prompts `[b, p]`, then `decode_loop` over `decode_step`; one program
+    per bucket and `settings` (the static keyword arguments of `decode_loop` as sorted pairs).
+    Returns the new tokens `[b, max_new_tokens]` and the model's `rest` after the last step."""
+    max_new_tokens = dict(settings)["max_new_tokens"]
+    (logits, state), rest = call_split(
+        graphdef, params, rest, lambda model: model.prefill(tokens, segments, max_new_tokens))
 
     def step(carry, previous):
-        cache, position, rest = carry
-        (logits, cache), rest = call_split(
-            graphdef, params, rest,
-            lambda model: model(previous[:, None], positions=position[:, None],
-                                segment_ids=ones, cache=cache))
-        return logits[:, 0], (cache, position + 1, rest)
+        state, rest = carry
+        (logits, state), rest = call_split(graphdef, params, rest,
+                                           lambda model: model.decode_step(previous, state))
+        return logits, (state, rest)
 
-    out, (_, _, rest) = decode_loop(
-        step, (cache, positions[:, -1] + 1, rest), logits[:, 0], key=key,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
-        pad_id=pad_id)
+    out, (_, rest) = decode_loop(step, (state, rest), logits, key=key, **dict(settings))
     return out, rest

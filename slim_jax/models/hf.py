@@ -1,8 +1,8 @@
 """Hugging Face checkpoints: find the directory, read its config, load its weights, fill a model.
 
-Shared by every model family (`llama.py`, `t5.py`): each family maps Hugging Face tensor names onto
-its own parameter paths in one function, and everything else (where the files are, which formats
-are safe, dtype conversion, shape checks) lives here.
+Shared by every model family: each family's converter (`llama_hf.py`, `t5_hf.py`) maps Hugging
+Face tensor names onto its own parameter paths, and everything else (which formats are safe, dtype
+conversion, shape checks, sharded placement) lives here; where the files are is `slim_jax.hub`.
 
 Safety: `.bin` / `.pt` / `.pth` checkpoints are Python pickles and can run arbitrary code when
 loaded, so they are refused unless the caller passes `allow_pickle=True`; even then they are read
@@ -12,7 +12,7 @@ with `torch.load(weights_only=True)`, which unpickles tensors and plain containe
 >>> d = Path(tempfile.mkdtemp())
 >>> safetensors.numpy.save_file({"w": np.ones((2, 3), np.float32)}, str(d / "model.safetensors"))
 >>> _ = (d / "config.json").write_text('{"model_type": "toy"}')
->>> read_config(resolve_model_dir(d))["model_type"]
+>>> read_config(d)["model_type"]
 'toy'
 >>> {k: (v.shape, str(v.dtype)) for k, v in load_safetensors(d, dtype="bfloat16").items()}
 {'w': ((2, 3), 'bfloat16')}
@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,118 +30,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slim_jax.checkpoint import check_finite
 from slim_jax.errors import CheckpointError
+from slim_jax.models.lazy import lazy_safetensors
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules, logical_to_spec
+
+PathLike = str | os.PathLike[str]
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-# What a hub download fetches by default: configs, safetensors weights and tokenizer files; never
-# pickles (pass `allow_patterns` to `resolve_model_dir` to fetch those deliberately).
-DEFAULT_HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*")
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-PathLike = str | os.PathLike[str]
-
-
-def resolve_model_dir(
-    name_or_path: PathLike,
-    *,
-    required: Sequence[str] = ("config.json",),
-    allow_patterns: Sequence[str] | None = DEFAULT_HUB_PATTERNS,
-    revision: str | None = None,
-) -> Path:
-    """The local directory of a model: `name_or_path` itself, or a hub snapshot of that id.
-
-    Args:
-      name_or_path: a local directory, or a hub id (`owner/name`) fetched with
-        `huggingface_hub.snapshot_download` (from the local cache when offline).
-      required: files that must exist in the directory (checked either way, so a wrong directory is
-        reported here, naming what is missing).
-      allow_patterns: glob patterns of the files a hub download fetches (None: all files).
-      revision: hub branch, tag or commit.
-
-    Returns:
-      The absolute directory.
-
-    Raises:
-      CheckpointError: the directory lacks a required file; the path does not exist and is not a hub
-        id; or the hub cannot be reached (offline) and the id is not in the cache, naming the files.
-
-    >>> import tempfile
-    >>> d = Path(tempfile.mkdtemp()); _ = (d / "config.json").write_text("{}")
-    >>> resolve_model_dir(d) == d.resolve()
-    True
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return _check_required(path.resolve(), required, str(name_or_path))
-    if path.exists():
-        raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a model directory "
-                              f"(holding {', '.join(required) or 'the model files'}) or a hub id")
-    name = str(name_or_path)
-    if not _HUB_ID.match(name):
-        raise CheckpointError(f"no directory {name!r}: expected an existing local model directory "
-                              "or a Hugging Face hub id of the form 'owner/name'")
-    snapshot = Path(_download(name, allow_patterns, revision, required))
-    return _check_required(snapshot, required, name)
-
-
-def _download(
-    repo_id: str,
-    allow_patterns: Sequence[str] | None,
-    revision: str | None,
-    required: Sequence[str],
-) -> str:
-    """Fetch a hub snapshot (from the cache when offline); errors name the missing files."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    offline = constants.is_offline_mode()
-    needed = ", ".join(required) or "the model files"
-    try:
-        return snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
-            local_files_only=offline,
-        )
-    except GatedRepoError as err:
-        raise CheckpointError(f"hub repository {repo_id!r} is gated: accept its licence on the hub "
-                              "and log in (`hf auth login`), or pass a local directory") from err
-    except RevisionNotFoundError as err:
-        raise CheckpointError(f"hub repository {repo_id!r} has no revision {revision!r}") from err
-    except RepositoryNotFoundError as err:
-        raise CheckpointError(f"{repo_id!r} is neither a local directory nor a hub repository "
-                              "(or it is private: log in with `hf auth login`)") from err
-    except (LocalEntryNotFoundError, ConnectionError, TimeoutError, OSError) as err:
-        if isinstance(err, HfHubHTTPError):
-            raise CheckpointError(f"downloading {repo_id!r} from the hub failed: {err}") from err
-        why = ("the hub is offline (HF_HUB_OFFLINE is set)" if offline
-               else "the hub cannot be reached")
-        raise CheckpointError(
-            f"cannot find model {repo_id!r}: it is not a local directory, {why}, and the local "
-            f"Hugging Face cache has no copy. Missing files: {needed}. Download it where the hub "
-            f"is reachable (`hf download {repo_id}`) and pass that directory"
-        ) from err
-
-
-def _check_required(path: Path, required: Sequence[str], shown: str) -> Path:
-    missing = [name for name in required if not (path / name).exists()]
-    if missing:
-        present = sorted(p.name for p in path.iterdir())[:20]
-        raise CheckpointError(f"model directory {shown!r} lacks {', '.join(missing)} "
-                              f"(it holds: {', '.join(present) or 'nothing'})")
-    return path
 
 
 def read_config(model_dir: PathLike) -> dict[str, Any]:
@@ -157,16 +57,52 @@ def read_config(model_dir: PathLike) -> dict[str, Any]:
     {'vocab_size': 8}
     """
     path = Path(model_dir) / "config.json"
+    return read_json_object(path, f"{path} does not exist: a Hugging Face model directory holds "
+                                  "config.json")
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in the file `path`; `missing` is the error when there is no such file.
+
+    Raises:
+      CheckpointError: no file (`missing`), invalid JSON, or JSON that is not an object.
+    """
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: a Hugging Face model directory holds "
-                              "config.json")
+        raise CheckpointError(missing)
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a {type(config).__name__}; expected a JSON object")
-    return config
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a {type(value).__name__}; expected a JSON object")
+    return value
+
+
+def convert_params(arrays: Mapping[str, np.ndarray],
+                   to_path: Callable[[str], tuple[str, bool]],
+                   skip: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> `{our path: array}`: each family's name map `to_path` (name ->
+    path, transposed), linear weights transposed to `[d_in, d_out]`, names `skip` says dropped.
+
+    Raises:
+      CheckpointError: a tensor to transpose that is not 2-d (named).
+
+    >>> convert_params({"w.weight": np.ones((2, 3)), "b": np.ones(1)},
+    ...                lambda n: (n.replace(".", "/"), n.endswith("weight")), lambda n: n == "b")
+    {'w/weight': array([[1., 1.],
+           [1., 1.],
+           [1., 1.]])}
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, array in arrays.items():
+        if skip(name):
+            continue
+        path, transpose = to_path(name)
+        if transpose and np.ndim(array) != 2:
+            raise CheckpointError(f"tensor {name!r} should be a 2-d linear weight, got shape "
+                                  f"{np.shape(array)}")
+        out[path] = array.T if transpose else array
+    return out
 
 
 def read_eos_ids(model_dir: PathLike, config: Mapping[str, Any]) -> tuple[int, ...]:
@@ -198,7 +134,7 @@ def read_eos_ids(model_dir: PathLike, config: Mapping[str, Any]) -> tuple[int, .
 
 
 def load_safetensors(
-    path: PathLike, *, dtype: Any = None, allow_pickle: bool = False
+    path: PathLike, *, dtype: Any = None, allow_pickle: bool = False, lazy: bool = False
 ) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint as numpy arrays, keyed by the Hugging Face tensor name.
 
@@ -209,6 +145,8 @@ def load_safetensors(
         tensors keep theirs. None keeps the stored dtypes.
       allow_pickle: also accept `pytorch_model.bin` (single or sharded), `.pt` and `.pth` files,
         read with `torch.load(weights_only=True)`. Off by default: a pickle can run code.
+      lazy: return safetensors tensors as `lazy.LazyTensor`s, read slice by slice when
+        `assign_params` places them on a mesh (pickles are read whole either way).
 
     Returns:
       `{name: array}`; bf16 tensors come back as `ml_dtypes.bfloat16` numpy arrays.
@@ -220,14 +158,14 @@ def load_safetensors(
     path = Path(path)
     cast = None if dtype is None else jnp.dtype(dtype)
     if path.is_file():
-        arrays = _load_file(path, allow_pickle)
+        arrays = _load_file(path, allow_pickle, lazy)
     elif not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}: expected a model directory or a "
                               ".safetensors file")
     elif (path / SAFETENSORS_INDEX).is_file():
-        arrays = _load_sharded(path, path / SAFETENSORS_INDEX, allow_pickle)
+        arrays = _load_sharded(path, path / SAFETENSORS_INDEX, allow_pickle, lazy)
     elif (path / SAFETENSORS_FILE).is_file():
-        arrays = _load_file(path / SAFETENSORS_FILE, allow_pickle)
+        arrays = _load_file(path / SAFETENSORS_FILE, allow_pickle, lazy)
     else:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not pickles:
@@ -249,7 +187,8 @@ def load_safetensors(
             for k, v in arrays.items()}
 
 
-def _load_sharded(directory: Path, index: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+def _load_sharded(directory: Path, index: Path, allow_pickle: bool, lazy: bool = False
+                  ) -> dict[str, np.ndarray]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -262,7 +201,7 @@ def _load_sharded(directory: Path, index: Path, allow_pickle: bool) -> dict[str,
                               f"{', '.join(missing)}")
     arrays: dict[str, np.ndarray] = {}
     for shard in shards:
-        arrays.update(_load_file(directory / shard, allow_pickle))
+        arrays.update(_load_file(directory / shard, allow_pickle, lazy))
     absent = sorted(set(weight_map) - set(arrays))
     if absent:
         raise CheckpointError(f"{index.name} lists tensors its shards do not hold: "
@@ -270,7 +209,9 @@ def _load_sharded(directory: Path, index: Path, allow_pickle: bool) -> dict[str,
     return arrays
 
 
-def _load_file(file: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+def _load_file(file: Path, allow_pickle: bool, lazy: bool = False) -> dict[str, np.ndarray]:
+    if file.suffix == ".safetensors" and lazy:
+        return lazy_safetensors(file)  # type: ignore[return-value]  (array-like, read on demand)
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -324,6 +265,8 @@ def assign_params(
     *,
     strict: bool = True,
     source: str = "checkpoint",
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> None:
     """Write `{path: array}` into the model's variables, in place, checking names and shapes.
 
@@ -338,6 +281,10 @@ def assign_params(
       strict: also require every `nnx.Param` of the model (adapter parameters, `nnx.LoRAParam`,
         excepted) to be assigned.
       source: how errors name where `arrays` came from (e.g. the checkpoint directory).
+      mesh: place each array straight into the sharding its `logical_axes` get under `rules`
+        on this mesh, each process reading only its devices' blocks (of a `LazyTensor`: only
+        those slices of the file). None: as the variable is (or on the default device).
+      rules: logical-axis rules (`slim_jax.parallel.rules`) for `mesh`.
 
     Raises:
       CheckpointError: a path names no variable of the model, a shape differs (naming the
@@ -371,6 +318,22 @@ def assign_params(
                                   f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     for name, value in arrays.items():
         var = variables[name]
+        if mesh is not None:
+            var.set_value(_place(value, var, mesh, rules, name))
+            continue
         host = np.asarray(value).astype(var.dtype, copy=False)
         sharding = getattr(var.get_value(), "sharding", None)
         var.set_value(jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host))
+
+
+def _place(value: Any, var: nnx.Variable, mesh: Mesh, rules: Rules, name: str) -> jax.Array:
+    """`value` as a global array in the sharding of `var`'s `logical_axes` (replicated without
+    them), built from the blocks of this process's devices only: a `lazy.LazyTensor` reads just
+    those slices of the file."""
+    axes = var.get_metadata().get("logical_axes")
+    spec = (PartitionSpec() if axes is None
+            else logical_to_spec(axes, var.shape, mesh, rules, where=name))
+    dtype = var.dtype
+    return jax.make_array_from_callback(
+        tuple(var.shape), NamedSharding(mesh, spec),
+        lambda index: np.asarray(value[index]).astype(dtype, copy=False))

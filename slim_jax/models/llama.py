@@ -10,7 +10,8 @@ One block (pre-norm):
 
 Attention masks come from `segment_ids` (0 = padding; tokens attend only within their own segment,
 so packed sequences work) and slot order (causal). Decoding uses an explicit `KVCache` of static
-shape, so a whole generation compiles once.
+shape, so a whole generation compiles once. Hugging Face conversion lives in `llama_hf.py`, the
+shared layers in `layers.py`; `Llama` implements `slim_jax.models.family.ModelFamily`.
 
 >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
 ...                   num_heads=4, num_kv_heads=2)
@@ -23,60 +24,38 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from slim_jax.errors import CheckpointError, ConfigError, ShapeError
-from slim_jax.models.hf import (
-    assign_params,
-    load_safetensors,
-    read_config,
-    read_eos_ids,
-    resolve_model_dir,
+from slim_jax import hub
+from slim_jax.errors import ConfigError, ShapeError
+from slim_jax.models import hf, llama_hf
+from slim_jax.models.layers import (
+    ExecutionConfig,
+    RMSNorm,
+    RopeScaling,
+    apply_rope,
+    attention,
+    linear,
+    remat_layer,
+    rope_cos_sin,
+    rope_frequencies,
+    write_kv,
 )
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules
+from slim_jax.tokenizer import Tokenizer
 
-HF_MODEL_TYPES = ("llama", "qwen2")
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling for contexts longer than pretraining (transformers' `rope_type`).
-
-    Attributes:
-      kind: "linear" (every frequency divided by `factor`) or "llama3" (low frequencies divided by
-        `factor`, high ones kept, a smooth blend between; Llama 3.1).
-      factor: the context extension factor.
-      low_freq_factor, high_freq_factor, original_max_position_embeddings: llama3's band edges:
-        wavelengths above `original / low_freq_factor` are scaled, below `original /
-        high_freq_factor` kept.
-    """
-
-    kind: Literal["linear", "llama3"]
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("linear", "llama3"):
-            raise ConfigError(f"rope scaling kind {self.kind!r} is not supported; "
-                              "expected 'linear' or 'llama3' (or no scaling)")
-        if not self.factor > 0:
-            raise ConfigError(f"rope scaling factor must be > 0, got {self.factor}")
-        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
-            raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor > 0, "
-                              f"got {self.high_freq_factor} and {self.low_freq_factor}")
+HF_MODEL_TYPES = llama_hf.HF_MODEL_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ExecutionConfig):
     """Architecture and numerics of a Llama-family decoder.
 
     Attributes:
@@ -91,6 +70,7 @@ class LlamaConfig:
       qkv_bias, o_bias, mlp_bias: biases (Llama: `attention_bias` sets q/k/v/o; Qwen2: q/k/v only).
       bos_id, eos_ids, pad_id: special token ids from the checkpoint's config (eos may be several).
       dtype: compute dtype; param_dtype: parameter dtype (both fp32 by default).
+      attention, remat: how it runs (`slim_jax.models.layers.ExecutionConfig`).
     """
 
     vocab_size: int
@@ -115,6 +95,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads"):
             if not getattr(self, name) > 0:
@@ -135,113 +116,16 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                param_dtype: Any = jnp.float32) -> LlamaConfig:
-        """The config of a Hugging Face `config.json` (model_type "llama" or "qwen2").
-
-        Reads both the transformers 5 `rope_parameters` and the older `rope_theta` + `rope_scaling`.
-
-        Raises:
-          ConfigError: another architecture, activation, RoPE type, or active sliding window.
+                param_dtype: Any = jnp.float32, **overrides: Any) -> LlamaConfig:
+        """The config of a Hugging Face `config.json` (`llama_hf.config_fields`); `overrides`
+        set further fields (e.g. `attention="jax"`).
 
         >>> LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
         ...     "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}).head_dim
         4
         """
-        kind = config.get("model_type")
-        if kind not in HF_MODEL_TYPES:
-            raise ConfigError(f"model_type {kind!r} is not a Llama-family decoder; expected one of "
-                              f"{', '.join(HF_MODEL_TYPES)}")
-        if config.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act {config['hidden_act']!r} is not supported; "
-                              "expected 'silu'")
-        if config.get("use_sliding_window") or (kind != "qwen2" and config.get("sliding_window")):
-            raise ConfigError("sliding-window attention is not supported (use_sliding_window / "
-                              "sliding_window must be off)")
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError("partial_rotary_factor != 1 is not supported")
-        scaling = None
-        if rope_type in ("linear", "llama3"):
-            original = rope.get("original_max_position_embeddings",
-                                config.get("max_position_embeddings", 2048))
-            scaling = RopeScaling(kind=rope_type, factor=float(rope["factor"]),
-                                  low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                                  high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                                  original_max_position_embeddings=int(original))
-        elif rope_type != "default":
-            raise ConfigError(f"rope_type {rope_type!r} is not supported; expected 'default', "
-                              "'linear' or 'llama3'")
-        heads = config["num_attention_heads"]
-        attention_bias = bool(config.get("attention_bias", False))
-        eos = config.get("eos_token_id")
-        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-        return cls(
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or None,
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            rope_scaling=scaling,
-            max_position_embeddings=config.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=kind == "qwen2" or attention_bias,
-            o_bias=attention_bias,
-            mlp_bias=bool(config.get("mlp_bias", False)),
-            bos_id=config.get("bos_token_id"),
-            eos_ids=eos_ids,
-            pad_id=config.get("pad_token_id"),
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
-
-
-@functools.lru_cache(maxsize=32)
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """RoPE inverse frequencies `[head_dim // 2]` float32, as transformers computes them.
-
-    inv_freq_i = 1 / theta^(2i / head_dim); "linear" divides all by `factor`; "llama3" divides
-    those with wavelength 2 pi / inv_freq above `original / low_freq_factor`, keeps those below
-    `original / high_freq_factor` and blends linearly in between (Llama 3.1's scaling).
-
-    >>> rope_frequencies(4, 10000.0, None).tolist()
-    [1.0, 0.009999999776482582]
-    """
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
-    if scaling is None:
-        return inv_freq
-    factor = np.float32(scaling.factor)
-    if scaling.kind == "linear":
-        return (inv_freq / factor).astype(np.float32)
-    original = scaling.original_max_position_embeddings
-    low_wavelen = original / scaling.low_freq_factor
-    high_wavelen = original / scaling.high_freq_factor
-    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
-    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = ((original / wavelen - scaling.low_freq_factor)
-              / (scaling.high_freq_factor - scaling.low_freq_factor))
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return np.where(medium, blended, scaled).astype(np.float32)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate `x: [b, s, ..., head_dim]` by position (rotate-half convention, as transformers).
-
-    rope(x) = x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1];
-    `cos, sin: [b, s, head_dim]` float32. Computed in float32, returned in `x.dtype`.
-    """
-    extra = (1,) * (x.ndim - 3)
-    cos = cos.reshape(*cos.shape[:2], *extra, cos.shape[-1])
-    sin = sin.reshape(*sin.shape[:2], *extra, sin.shape[-1])
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    return (x32 * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
+        return cls(**llama_hf.config_fields(config), dtype=dtype, param_dtype=param_dtype,
+                   **overrides)
 
 
 @jax.tree_util.register_dataclass
@@ -267,27 +151,10 @@ class KVCache:
         return self.segment_ids.shape[1]
 
 
-class RMSNorm(nnx.Module):
-    """y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32 (as transformers)."""
-
-    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
-
-
 def _linear(cfg: LlamaConfig, d_in: int, d_out: int, axes: tuple[str, str], bias: bool,
             rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
-        kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]},
-    )
+    return linear(d_in, d_out, axes, bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  rngs=rngs)
 
 
 class LlamaAttention(nnx.Module):
@@ -304,6 +171,7 @@ class LlamaAttention(nnx.Module):
         self.groups = cfg.num_heads // cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.dtype = cfg.dtype
+        self.implementation = cfg.attention
 
     def __call__(
         self,
@@ -317,21 +185,17 @@ class LlamaAttention(nnx.Module):
         """`x: [b, s, d]`, `mask: [b, s, t]` (True = may attend); `kv`: this layer's cache, written
         at slot `start`. Returns `[b, s, d]` and the updated cache (None without one)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_kv_heads, self.groups, self.head_dim)
+        q = self.q_proj(x).reshape(b, s, self.num_kv_heads * self.groups, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, start, 0, 0))
+            k, v = write_kv(kv[0], k, start), write_kv(kv[1], v, start)
             kv = (k, v)
         # softmax(q k^T / sqrt(head_dim) + mask) v; query head h reads kv head h // groups.
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * self.head_dim**-0.5
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(self.dtype))
-        return self.o_proj(out.reshape(b, s, -1)), kv
+        out = attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, dtype=self.dtype,
+                        implementation=self.implementation)
+        return self.o_proj(out), kv
 
 
 class LlamaMLP(nnx.Module):
@@ -448,16 +312,15 @@ class Llama(nnx.Module):
                 & (segment_ids[:, :, None] == key_segments[:, None, :])
                 & (key_segments[:, None, :] != 0))
 
-        inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-        angles = jnp.concatenate([angles, angles], axis=-1)  # [b, s, head_dim]
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        cos, sin = rope_cos_sin(positions, rope_frequencies(cfg.head_dim, cfg.rope_theta,
+                                                            cfg.rope_scaling))
 
         x = self.embed_tokens(tokens)
         keys, values = [], []
+        call = remat_layer(cfg.remat)  # LlamaConfig.remat: recompute activations in the backward
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, cos, sin, mask, kv, start)
+            x, kv = call(layer, x, cos, sin, mask, kv, start)
             if kv is not None:
                 keys.append(kv[0])
                 values.append(kv[1])
@@ -469,10 +332,45 @@ class Llama(nnx.Module):
         return logits, KVCache(keys=tuple(keys), values=tuple(values), segment_ids=key_segments,
                                end=start + s)
 
+    # ------------------------------------------------- the model family (slim_jax.models.family)
+
+    layout: ClassVar[Literal["causal"]] = "causal"
+    prompt_side: ClassVar[Literal["left"]] = "left"
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+    hf_name_to_path = staticmethod(llama_hf.hf_name_to_path)
+    path_to_hf_name = staticmethod(llama_hf.path_to_hf_name)
+
     def batch_logits(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Logits `[b, s, vocab]` of a causal-LM batch (`tokens`, `positions`, `segment_ids`)."""
         return self(batch["tokens"], positions=batch.get("positions"),
                     segment_ids=batch.get("segment_ids"))
+
+    def mask_key(self, layer_path: str) -> str:
+        """Every layer sees the batch's `tokens`."""
+        return "segment_ids"
+
+    def encode_prompt(self, tokenizer: Tokenizer, text: str) -> list[int]:
+        """The prompt's ids, BOS in front when the tokenizer has one ("" is just BOS)."""
+        return tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
+
+    def prefill(self, tokens: jax.Array, segment_ids: jax.Array, max_new_tokens: int
+                ) -> tuple[jax.Array, tuple[KVCache, jax.Array]]:
+        """Left-padded prompts `[b, p]` into a cache of `p + max_new_tokens` slots; the state is
+        `(cache, next RoPE position [b])`."""
+        batch, length = tokens.shape
+        # Left padding: a row's real tokens sit at positions 0..n-1 whatever its padding.
+        positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
+        logits, cache = self(tokens, positions=positions, segment_ids=segment_ids,
+                             cache=self.init_cache(batch, length + max_new_tokens), last_only=True)
+        return logits[:, 0], (cache, positions[:, -1] + 1)
+
+    def decode_step(self, tokens: jax.Array, state: tuple[KVCache, jax.Array]
+                    ) -> tuple[jax.Array, tuple[KVCache, jax.Array]]:
+        """One token per row `[b]` at each row's next position."""
+        cache, position = state
+        logits, cache = self(tokens[:, None], positions=position[:, None],
+                             segment_ids=jnp.ones_like(tokens[:, None], jnp.int32), cache=cache)
+        return logits[:, 0], (cache, position + 1)
 
     @classmethod
     def from_pretrained(
@@ -482,80 +380,32 @@ class Llama(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         allow_pickle: bool = False,
+        mesh: Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
+        **config_overrides: Any,
     ) -> Llama:
         """Load a Hugging Face Llama/Qwen2 checkpoint (local directory or hub id).
 
         The model is built abstractly (`nnx.eval_shape`) and filled from the safetensors, so no
-        random initialisation is spent on weights that are overwritten.
+        random initialisation is spent on weights that are overwritten. `config_overrides` set
+        `LlamaConfig` fields the checkpoint does not hold (e.g. `attention="jax"`). With a `mesh`,
+        every tensor goes straight into the sharding its `logical_axes` get under `rules`, each
+        process reading only the safetensors slices its devices hold (`hf.assign_params`).
 
         Raises:
           CheckpointError: missing files, pickle weights without `allow_pickle`, or tensors that do
             not fit the config (naming the parameter).
           ConfigError: an unsupported architecture.
         """
-        directory = resolve_model_dir(name_or_path)
-        hf_config = read_config(directory)
+        directory = hub.resolve_model_dir(name_or_path)
+        hf_config = hf.read_config(directory)
         config = dataclasses.replace(
-            LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype),
-            eos_ids=read_eos_ids(directory, hf_config))
-        arrays = load_safetensors(directory, dtype=param_dtype, allow_pickle=allow_pickle)
+            LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype,
+                                **config_overrides),
+            eos_ids=hf.read_eos_ids(directory, hf_config))
+        arrays = hf.load_safetensors(directory, dtype=param_dtype, allow_pickle=allow_pickle,
+                                     lazy=mesh is not None)
         model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-        assign_params(model, params_from_hf(arrays, config), source=str(directory))
+        hf.assign_params(model, llama_hf.params_from_hf(arrays, config), source=str(directory),
+                         mesh=mesh, rules=rules)
         return model
-
-
-def hf_name_to_path(name: str) -> tuple[str, bool]:
-    """Our parameter path of a Hugging Face tensor name, and whether the tensor is transposed.
-
-    The one place that maps Hugging Face Llama names: drop the `model.` prefix, dots become "/",
-    and `weight` becomes `kernel` (linear, stored `[d_out, d_in]`: transposed), `embedding` or
-    `scale`.
-
-    >>> hf_name_to_path("model.layers.0.self_attn.q_proj.weight")
-    ('layers/0/self_attn/q_proj/kernel', True)
-    >>> hf_name_to_path("model.norm.weight")
-    ('norm/scale', False)
-    """
-    *module, leaf = name.removeprefix("model.").split(".")
-    owner = module[-1] if module else ""
-    if leaf == "weight" and (owner.endswith("_proj") or owner == "lm_head"):
-        leaf, transpose = "kernel", True
-    elif leaf == "weight" and owner == "embed_tokens":
-        leaf, transpose = "embedding", False
-    elif leaf == "weight" and owner.endswith("norm"):
-        leaf, transpose = "scale", False
-    else:
-        transpose = False
-    return "/".join([*module, leaf]), transpose
-
-
-def path_to_hf_name(path: str) -> str:
-    """The Hugging Face tensor name of our parameter path (inverse of `hf_name_to_path`).
-
-    >>> path_to_hf_name("layers/1/mlp/down_proj/kernel")
-    'model.layers.1.mlp.down_proj.weight'
-    """
-    *module, leaf = path.split("/")
-    leaf = "weight" if leaf in ("kernel", "embedding", "scale") else leaf
-    prefix = "" if module[:1] == ["lm_head"] else "model."
-    return prefix + ".".join([*module, leaf])
-
-
-def params_from_hf(arrays: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> `{our path: array}` in our layout (kernels `[d_in, d_out]`).
-
-    Drops `lm_head.weight` when embeddings are tied and buffers transformers does not load
-    (`rotary_emb.inv_freq`); any other unknown name is left for `assign_params` to report.
-    """
-    out: dict[str, np.ndarray] = {}
-    for name, array in arrays.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        path, transpose = hf_name_to_path(name)
-        if transpose and np.ndim(array) != 2:
-            raise CheckpointError(f"tensor {name!r} should be a 2-d linear weight, got shape "
-                                  f"{np.shape(array)}")
-        out[path] = array.T if transpose else array
-    return out

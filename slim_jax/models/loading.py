@@ -1,50 +1,42 @@
 """Load a model and its tokenizer from whatever a user points at: a Hugging Face directory or hub
-id (Llama family or T5), or a llama2.c checkpoint file.
+id (any registered family: Llama family, T5), or a llama2.c checkpoint file.
 
-`load_model` picks the architecture from the directory's `config.json` (`model_type`), or reads a
-file as a llama2.c checkpoint (its `tokenizer.bin` beside it unless another is named);
-`generator_for(model)` is the matching batched generation function (decoder-only or
-encoder-decoder, same arguments). Attach adapters with `slim_jax.models.adapter_io`.
+`load_model` picks the family from the directory's `config.json` (`model_type`, looked up in
+`slim_jax.models.registry`), or reads a file as a llama2.c checkpoint (its `tokenizer.bin` beside
+it unless another is named). Every family generates with `slim_jax.models.generate.generate`;
+attach adapters with `slim_jax.models.adapter_io`.
 
->>> import tempfile, struct
->>> import numpy as np
->>> from slim_jax.models.llama2c import MAGIC_V1
+>>> import tempfile
+>>> from slim_jax.errors import ConfigError
 >>> folder = Path(tempfile.mkdtemp())
->>> header = struct.pack("<Ii7iB", MAGIC_V1, 1, 8, 16, 1, 2, 1, 4, 32, 1).ljust(256, bytes(1))
->>> _ = (folder / "model.bin").write_bytes(header + np.ones(632, np.float32).tobytes())
->>> pieces = [b"<unk>", b"<s>", b"</s>", b" "]
->>> _ = (folder / "tokenizer.bin").write_bytes(struct.pack("<i", 5) + b"".join(
-...     struct.pack("<fi", 0.0, len(p)) + p for p in pieces))
->>> model, tokenizer = load_model(folder / "model.bin")
->>> type(model).__name__, tokenizer.vocab_size, generator_for(model).__module__
-('Llama', 4, 'slim_jax.models.generate')
+>>> _ = (folder / "config.json").write_text('{"model_type": "gpt2"}')
+>>> try:
+...     load_model(folder)
+... except ConfigError as err:
+...     print(str(err).split(": ", 1)[1][:58])
+model_type 'gpt2' is not implemented; slim_jax loads llama
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
-from slim_jax.errors import CheckpointError, ConfigError
-from slim_jax.models import generate as decoder_generate
-from slim_jax.models import t5_generate
-from slim_jax.models.hf import read_config, resolve_model_dir
-from slim_jax.models.llama import HF_MODEL_TYPES as LLAMA_MODEL_TYPES
+from slim_jax.errors import CheckpointError
+from slim_jax.hub import resolve_model_dir
+from slim_jax.models.family import ModelFamily
+from slim_jax.models.hf import read_config
 from slim_jax.models.llama import Llama
 from slim_jax.models.llama2c import load_llama2c
-from slim_jax.models.t5 import T5
+from slim_jax.models.registry import family_of
 from slim_jax.tokenizer import HFTokenizer, Tokenizer
 
-T5_MODEL_TYPES = ("t5", "mt5")
-"""`config.json` model types loaded as `T5` (Llama's are `llama.HF_MODEL_TYPES`)."""
 LLAMA2C_TOKENIZER = "tokenizer.bin"
 
 PathLike = str | os.PathLike[str]
-Model = Llama | T5
 
 # First bytes of PyTorch checkpoints: a zip archive (torch.save since 1.6), or the legacy format's
 # pickled magic number (protocol 2, LONG1 of 10 bytes); no llama2.c header starts this way.
@@ -58,13 +50,14 @@ def load_model(
     dtype: Any = jnp.float32,
     param_dtype: Any = None,
     allow_pickle: bool = False,
-) -> tuple[Model, Tokenizer]:
+) -> tuple[ModelFamily, Tokenizer]:
     """A model and its tokenizer from a Hugging Face directory or hub id, or a llama2.c file.
 
     Args:
-      name_or_path: a model directory (`config.json` + safetensors, `model_type` llama, qwen2,
-        t5 or mt5), a hub id (fetched, or read from the local cache when offline), or a llama2.c
-        checkpoint file (`.bin`, version 1 or legacy export).
+      name_or_path: a model directory (`config.json` + safetensors, a `model_type` of
+        `registry.model_types()`: llama, qwen2, t5, mt5, ...), a hub id (fetched, or read from
+        the local cache when offline), or a llama2.c checkpoint file (`.bin`, version 1 or
+        legacy export).
       tokenizer: the tokenizer to use instead of the model's: a Hugging Face tokenizer directory or
         hub id, or a llama2.c `tokenizer.bin` (default: the one beside the checkpoint).
       dtype: compute dtype (`"float32"`, `"bfloat16"`, ...).
@@ -73,7 +66,7 @@ def load_model(
         pickle can run code; off by default).
 
     Returns:
-      `(model, tokenizer)`: a `Llama` or `T5`, and a `Tokenizer`.
+      `(model, tokenizer)`: a model of the checkpoint's family, and a `Tokenizer`.
 
     Raises:
       CheckpointError: a path that does not exist and is not a hub id, a hub id that cannot be
@@ -91,14 +84,8 @@ def load_model(
                                   "Face model directory; for a llama2.c checkpoint pass the file "
                                   f"itself (e.g. {path / binaries[0]})")
     directory = resolve_model_dir(name_or_path)
-    model_type = read_config(directory).get("model_type")
-    if model_type in LLAMA_MODEL_TYPES:
-        cls: type[Llama] | type[T5] = Llama
-    elif model_type in T5_MODEL_TYPES:
-        cls = T5
-    else:
-        raise ConfigError(f"{directory / 'config.json'} has model_type {model_type!r}; slim_jax "
-                          f"implements {', '.join(LLAMA_MODEL_TYPES + T5_MODEL_TYPES)}")
+    cls = family_of(read_config(directory).get("model_type"),
+                    source=str(directory / "config.json"))
     model = cls.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype,
                                 allow_pickle=allow_pickle)
     return model, HFTokenizer(directory if tokenizer is None else tokenizer)
@@ -119,17 +106,3 @@ def _load_llama2c_file(path: Path, tokenizer: PathLike | None, dtype: Any, param
                                   "name its tokenizer file explicitly")
     return load_llama2c(path, tokenizer, dtype=dtype, param_dtype=param_dtype)
 
-
-def generator_for(model: Model) -> Callable[..., decoder_generate.Generation]:
-    """The batched generation function of `model`'s family: `t5_generate.generate` for a `T5`,
-    `generate.generate` for a decoder-only model. Both take
-    `(model, prompts, *, tokenizer, max_new_tokens, temperature, top_p, key, stop_ids)`.
-
-    >>> from slim_jax.models.t5 import T5Config
-    >>> from flax import nnx
-    >>> t5 = nnx.eval_shape(lambda: T5(T5Config(vocab_size=8, d_model=4, d_kv=2, d_ff=4,
-    ...     num_layers=1, num_decoder_layers=1, num_heads=2), rngs=nnx.Rngs(0)))
-    >>> generator_for(t5).__module__
-    'slim_jax.models.t5_generate'
-    """
-    return t5_generate.generate if isinstance(model, T5) else decoder_generate.generate

@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters in and out of slim_jax models (T5 and Llama).
+"""PEFT LoRA adapters in and out of slim_jax models (any `slim_jax.models.family.ModelFamily`).
 
 A PEFT adapter directory holds `adapter_config.json` (r, lora_alpha, use_rslora, target_modules,
 ...) and `adapter_model.safetensors` with, per adapted layer,
@@ -8,11 +8,11 @@ A PEFT adapter directory holds `adapter_config.json` (r, lora_alpha, use_rslora,
 `lora_a = lora_A.weight^T` `[d_in, r]`, `lora_b = lora_B.weight^T` `[r, d_out]`, and computes the
 same `y = x W + scale * (x A) B` with `scale = lora_alpha / r` (rsLoRA: `lora_alpha / sqrt(r)`).
 
-Module names are translated by each architecture's own Hugging Face mapping (`t5.hf_name_to_path`,
-`llama.hf_name_to_path` and their inverses), so there is one name mapping per architecture.
+Module names are translated by the family's own Hugging Face mapping (`model.hf_name_to_path`,
+`model.path_to_hf_name`, from `llama_hf.py`, `t5_hf.py`), so there is one name mapping per family.
 
-- `read_peft_config(dir)`: the adapter's settings, unsupported options refused by name.
-- `same_base_model(recorded, given)`: whether an adapter's recorded base names the given model.
+- `read_peft_config(dir)` (`peft_config.py`): the adapter's settings, unsupported options refused
+  by name; `same_base_model(recorded, given)`: whether a recorded base names the given model.
 - `load_peft_factors(dir, model)`: `(config, {layer path: (A [d_in, r], B [r, d_out])})`, checked
   against the model (LoRAHub stacks these for its composition).
 - `load_peft(model, dir)`: inject `LoRALinear` into the targeted layers and set their factors.
@@ -21,6 +21,7 @@ Module names are translated by each architecture's own Hugging Face mapping (`t5
 
 >>> import tempfile
 >>> from slim_jax.models.t5 import T5, T5Config
+>>> from slim_jax.nn import LoRAConfig
 >>> cfg = T5Config(vocab_size=16, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_decoder_layers=1,
 ...                num_heads=2)
 >>> model = T5(cfg, rngs=nnx.Rngs(0))
@@ -51,36 +52,21 @@ import safetensors.numpy
 from flax import nnx
 
 from slim_jax.errors import CheckpointError, ConfigError
-from slim_jax.models import hf, llama, t5
-from slim_jax.nn import LoRAConfig, LoRALinear, SlimLinear, adapted_layers, inject, module_path
+from slim_jax.models import hf
+from slim_jax.models.family import ModelFamily
+from slim_jax.models.peft_config import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    PeftLoRAConfig,
+    name_matches,
+    read_peft_config,
+    same_base_model,
+)
+from slim_jax.nn import LoRALinear, SlimLinear, adapted_layers, inject, module_path
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
-
-# Options of PEFT's LoraConfig that change what the adapter computes, and the value meaning "off".
-# Anything else set in the file is refused by name rather than silently ignored.
-_OFF: dict[str, tuple[Any, ...]] = {
-    "use_dora": (False, None),
-    "lora_bias": (False, None),
-    "fan_in_fan_out": (False, None),
-    "modules_to_save": (None, []),
-    "rank_pattern": (None, {}),
-    "alpha_pattern": (None, {}),
-    "layers_to_transform": (None, []),
-    "layer_replication": (None, []),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None, [], {}),
-    "alora_invocation_tokens": (None, []),
-    "use_qalora": (False, None),
-    "use_bdlora": (False, None),
-    "kasa_config": (None, {}),
-    "monteclora_config": (None, {}),
-    "arrow_config": (None, {}),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class _Naming:
@@ -101,175 +87,10 @@ class _Naming:
 
 
 def _naming(model: nnx.Module) -> _Naming:
-    if isinstance(model, t5.T5):
-        return _Naming(t5.hf_name_to_path, t5.path_to_hf_name, "SEQ_2_SEQ_LM")
-    if isinstance(model, llama.Llama):
-        return _Naming(llama.hf_name_to_path, llama.path_to_hf_name, "CAUSAL_LM")
-    raise ConfigError(f"PEFT adapters map onto slim_jax T5 and Llama models (their Hugging Face "
-                      f"module names are known), not {type(model).__name__}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PeftLoRAConfig:
-    """The settings of a PEFT LoRA adapter that slim_jax honours.
-
-    Attributes:
-      rank: r. alpha: lora_alpha. use_rslora: scale `alpha / sqrt(r)` instead of `alpha / r`.
-      target_modules: module names (a layer matches when its Hugging Face module name equals one
-        or ends with "." + one), a regex that must match the whole module name, or
-        "all-linear" (every linear layer but the output head), as PEFT reads them. PEFT holds
-        a name list as a set (and writes it in set order), so names are kept sorted and
-        de-duplicated: equal adapters have equal configs and files.
-      exclude_modules: names (sorted likewise) or a regex of layers never adapted (PEFT's
-        rule), or None.
-      dropout: lora_dropout (used only when training further).
-      base_model_name_or_path: the base model the adapter was trained on, if recorded.
-      task_type: PEFT's task type ("SEQ_2_SEQ_LM", "CAUSAL_LM", ...), if recorded.
-    """
-
-    rank: int
-    alpha: float
-    use_rslora: bool = False
-    target_modules: tuple[str, ...] | str = ()
-    exclude_modules: tuple[str, ...] | str | None = None
-    dropout: float = 0.0
-    base_model_name_or_path: str | None = None
-    task_type: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", _names(self.target_modules))
-        if self.exclude_modules is not None:
-            object.__setattr__(self, "exclude_modules", _names(self.exclude_modules))
-
-    @property
-    def scale(self) -> float:
-        """The LoRA scale: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
-        return self.lora_config().scale
-
-    def lora_config(self, *, dropout: float | None = None, param_dtype: Any = "float32"
-                    ) -> LoRAConfig:
-        """The `slim_jax.nn.LoRAConfig` of this adapter (factors stored in `param_dtype`;
-        `dropout` overrides the recorded `lora_dropout`)."""
-        return LoRAConfig(rank=self.rank, alpha=self.alpha, rslora=self.use_rslora,
-                          dropout=self.dropout if dropout is None else dropout,
-                          param_dtype=param_dtype)
-
-    def targets(self, hf_module: str, *, is_output_head: bool = False) -> bool:
-        """Whether PEFT adapts the layer of this Hugging Face module name.
-
-        >>> PeftLoRAConfig(rank=2, alpha=4, target_modules=("q", "v")).targets("encoder.block.0.q")
-        True
-        >>> PeftLoRAConfig(rank=2, alpha=4, target_modules=r".*\\.k").targets("decoder.k")
-        True
-        """
-        if _name_matches(self.exclude_modules, hf_module):
-            return False
-        if self.target_modules == "all-linear":
-            return not is_output_head
-        return _name_matches(self.target_modules, hf_module)
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> PeftLoRAConfig:
-        """Read a parsed `adapter_config.json`.
-
-        Raises:
-          CheckpointError: not a LoRA adapter, or r / lora_alpha / target_modules missing.
-          ConfigError: an option slim_jax does not implement is on (bias other than "none",
-            DoRA, rank or alpha patterns, layers_to_transform, modules_to_save, ...), named.
-        """
-        if raw.get("peft_type", "LORA") != "LORA":
-            raise CheckpointError(f"{source} is a {raw.get('peft_type')!r} adapter; only PEFT "
-                                  "LoRA adapters (peft_type 'LORA') are supported")
-        for name in ("r", "lora_alpha", "target_modules"):
-            if raw.get(name) is None:
-                raise CheckpointError(f"{source} lacks {name!r}, which a LoRA adapter needs")
-        if raw.get("bias", "none") != "none":
-            raise ConfigError(f"{source}: bias={raw['bias']!r} is not supported; only LoRA "
-                              "adapters trained with bias='none' map onto slim_jax's LoRALinear")
-        for name, off in _OFF.items():
-            if name in raw and raw[name] not in off:
-                raise ConfigError(f"{source}: {name}={raw[name]!r} is not supported by slim_jax; "
-                                  f"accepted: {' or '.join(map(repr, off))}")
-        r = raw["r"]
-        if not isinstance(r, int) or r < 1:
-            raise CheckpointError(f"{source}: r must be a positive integer, got {r!r}")
-        return cls(
-            rank=r, alpha=float(raw["lora_alpha"]), use_rslora=bool(raw.get("use_rslora", False)),
-            target_modules=_names(raw["target_modules"]),
-            exclude_modules=_names(raw["exclude_modules"]) if raw.get("exclude_modules") else None,
-            dropout=float(raw.get("lora_dropout") or 0.0),
-            base_model_name_or_path=raw.get("base_model_name_or_path"),
-            task_type=raw.get("task_type"))
-
-    def to_json(self) -> dict[str, Any]:
-        """The `adapter_config.json` content PEFT reads for this adapter."""
-        return {
-            "peft_type": "LORA", "task_type": self.task_type,
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "r": self.rank, "use_rslora": self.use_rslora,
-            "lora_alpha": int(self.alpha) if float(self.alpha).is_integer() else self.alpha,
-            "lora_dropout": self.dropout, "bias": "none",
-            "target_modules": (self.target_modules if isinstance(self.target_modules, str)
-                               else list(self.target_modules)),
-            "exclude_modules": (list(self.exclude_modules)
-                                if isinstance(self.exclude_modules, tuple)
-                                else self.exclude_modules),
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
-            "layers_to_transform": None, "layers_pattern": None, "revision": None,
-        }
-
-
-def _names(value: Any) -> tuple[str, ...] | str:
-    """A regex string as it is; a collection of names as a sorted tuple without duplicates.
-
-    >>> _names(["v", "q", "v"]), _names("(q|v)")
-    (('q', 'v'), '(q|v)')
-    """
-    return value if isinstance(value, str) else tuple(sorted({str(v) for v in value}))
-
-
-def _name_matches(rule: tuple[str, ...] | str | None, name: str) -> bool:
-    """PEFT's rule: a string is a regex over the whole name; a list matches a name or a suffix."""
-    if not rule:
-        return False
-    if isinstance(rule, str):
-        return re.fullmatch(rule, name) is not None
-    return name in rule or any(name.endswith("." + target) for target in rule)
-
-
-def read_peft_config(directory: str | os.PathLike[str]) -> PeftLoRAConfig:
-    """The `PeftLoRAConfig` of a PEFT adapter directory.
-
-    Raises:
-      CheckpointError: the directory or its `adapter_config.json` is missing or not JSON.
-      ConfigError: an unsupported option is on (see `PeftLoRAConfig.from_json`).
-    """
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{Path(directory)} is not a PEFT adapter directory: it has no "
-                              f"{CONFIG_FILE} (a PEFT adapter holds {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}; expected a JSON object")
-    return PeftLoRAConfig.from_json(raw, source=str(path))
-
-
-def same_base_model(recorded: str | os.PathLike[str], given: str | os.PathLike[str]) -> bool:
-    """Whether two base model names (hub ids or local directories) plausibly name one model:
-    equal, or equal in their last path part (`google/flan-t5-large` ~ `/models/flan-t5-large`).
-
-    >>> same_base_model("google/flan-t5-large", "/models/FLAN-T5-large/")
-    True
-    >>> same_base_model("google/flan-t5-large", "google/t5-v1_1-large")
-    False
-    """
-    name = lambda s: str(s).rstrip("/").split("/")[-1].lower()
-    return str(recorded).rstrip("/") == str(given).rstrip("/") or name(recorded) == name(given)
+    if not isinstance(model, ModelFamily):
+        raise ConfigError(f"PEFT adapters map onto slim_jax model families (which know their "
+                          f"Hugging Face module names), not a {type(model).__name__}")
+    return _Naming(model.hf_name_to_path, model.path_to_hf_name, model.peft_task_type)
 
 
 def _check_base(config: PeftLoRAConfig, expected: str | None, source: str) -> None:
@@ -336,7 +157,7 @@ def load_peft_factors(
                 if config.targets(name, is_output_head=path == head)}
     if isinstance(config.target_modules, tuple):
         unknown = [t for t in config.target_modules
-                   if not any(_name_matches((t,), name) for name in names)]
+                   if not any(name_matches((t,), name) for name in names)]
         if unknown:
             leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
             raise CheckpointError(f"{source}: target_modules {unknown} match no linear layer of "
@@ -514,6 +335,6 @@ def _target_rule(adapted: list[str], linears: Mapping[str, nnx.Linear], naming: 
     """The shortest PEFT `target_modules` selecting exactly the `adapted` module names."""
     leaves = tuple(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
     all_names = [naming.hf_module(path) for path in linears]
-    if sorted(n for n in all_names if _name_matches(leaves, n)) == adapted:
+    if sorted(n for n in all_names if name_matches(leaves, n)) == adapted:
         return leaves
     return "(?:" + "|".join(re.escape(name) for name in adapted) + ")"

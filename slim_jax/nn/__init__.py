@@ -12,6 +12,7 @@ from slim_jax.nn.injection import AdaptedLinear, inject, module_path
 from slim_jax.nn.lora_linear import LoRALinear
 from slim_jax.nn.penalty import adapter_l1
 from slim_jax.nn.slim_linear import SlimLinear
+from slim_jax.nn.spec import ADAPTER_SPEC_KEY, AdapterSpec, adapter_spec, inject_spec
 from slim_jax.nn.state import (
     adapted_layers,
     adapter_apply,
@@ -24,10 +25,13 @@ from slim_jax.nn.state import (
     unmerge_adapters,
 )
 from slim_jax.nn.variables import AdapterParam, ClusterState, TokenMask
+from slim_jax.nn.view import inference_view, training_view
 
 __all__ = [
+    "ADAPTER_SPEC_KEY",
     "AdaptedLinear",
     "AdapterParam",
+    "AdapterSpec",
     "ClusterState",
     "LoRAConfig",
     "LoRALinear",
@@ -38,12 +42,16 @@ __all__ = [
     "adapter_apply",
     "adapter_l1",
     "adapter_paths",
+    "adapter_spec",
     "adapter_state",
+    "inference_view",
     "inject",
+    "inject_spec",
     "merge_adapters",
     "module_path",
     "set_token_mask",
     "split_adapters",
     "token_mask",
+    "training_view",
     "unmerge_adapters",
 ]

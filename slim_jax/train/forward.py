@@ -2,9 +2,10 @@
 
 SLIM layers update their cluster statistics from the tokens they see (SLIM.md s2); padding must
 not count. Before the forward pass every `SlimLinear` is handed the token mask of the tokens it
-sees (`segment_ids != 0`): for a causal LM all layers see `tokens`; in an encoder-decoder the
-encoder layers and the decoder's cross-attention keys/values see the encoder tokens, every other
-decoder layer the decoder tokens. The masks are cleared afterwards, so the model's state has the
+sees (`batch[key] != 0` for the segment-ids key the model family names, `model.mask_key(path)`):
+for a causal LM all layers see `tokens`; in an encoder-decoder (T5) the encoder layers and the
+decoder's cross-attention keys/values see the encoder tokens, every other decoder layer the
+decoder tokens. The masks are cleared afterwards, so the model's state has the
 same structure before and after a step.
 """
 
@@ -19,9 +20,6 @@ from flax import nnx
 
 from slim_jax.nn import SlimLinear, adapted_layers, set_token_mask
 
-ENCODER_SIDE = re.compile(r"^encoder/|EncDecAttention/(k|v)$")
-"""Paths of the layers that read encoder tokens (T5 naming, `slim_jax.models.t5`)."""
-
 
 def _exact(paths: list[str]) -> str:
     return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
@@ -32,7 +30,10 @@ def token_mask_groups(
 ) -> list[tuple[list[str], jax.Array]]:
     """`(SlimLinear paths, [batch, seq] mask)` pairs: which layers see which tokens.
 
-    Empty when the model has no `SlimLinear` or the batch has no segment ids.
+    The model names, per layer path, the batch key of the segment ids its tokens carry
+    (`mask_key`, `slim_jax.models.family.ModelFamily`); a model without `mask_key` (any NNX
+    model that is no family) has every layer see `segment_ids`. Empty when the model has no
+    `SlimLinear` or the batch lacks the keys.
 
     >>> from slim_jax.nn import SlimConfig
     >>> model = nnx.List([SlimLinear(4, 4, SlimConfig(rank=1, num_clusters=1), rngs=nnx.Rngs(0))])
@@ -41,17 +42,13 @@ def token_mask_groups(
     [(['0'], [[1.0, 1.0, 0.0]])]
     """
     slim = [p for p, m in adapted_layers(model).items() if isinstance(m, SlimLinear)]
-    if not slim:
+    mask_key = getattr(model, "mask_key", lambda path: "segment_ids")
+    groups: dict[str, list[str]] = {}
+    for path in slim:
+        groups.setdefault(mask_key(path), []).append(path)
+    if not all(key in batch for key in groups):
         return []
-    if "enc_segment_ids" in batch and "dec_segment_ids" in batch:
-        enc = [p for p in slim if ENCODER_SIDE.search(p)]
-        dec = [p for p in slim if not ENCODER_SIDE.search(p)]
-        groups = [(enc, batch["enc_segment_ids"]), (dec, batch["dec_segment_ids"])]
-    elif "segment_ids" in batch:
-        groups = [(slim, batch["segment_ids"])]
-    else:
-        return []
-    return [(paths, (ids != 0).astype(jnp.float32)) for paths, ids in groups if paths]
+    return [(paths, (batch[key] != 0).astype(jnp.float32)) for key, paths in groups.items()]
 
 
 def masked_batch_logits(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:

@@ -29,8 +29,7 @@ import numpy as np
 from flax import nnx
 
 from slim_jax.checkpoint import Checkpointer
-from slim_jax.models.adapter_io import ADAPTER_SPEC_KEY, adapter_spec
-from slim_jax.nn import adapter_l1
+from slim_jax.nn import ADAPTER_SPEC_KEY, adapter_l1, adapter_spec
 from slim_jax.parallel import (
     check_global_batch,
     global_batch,

@@ -17,13 +17,12 @@ from slim_jax.eval import (
     accuracy_by_likelihood,
     apply_model,
     downstream_accuracy,
-    eval_view,
     generate_texts,
     sequence_log_likelihoods,
 )
 from slim_jax.eval import downstream as downstream_module
 from slim_jax.models.generate import generate
-from slim_jax.nn import SlimConfig, inject
+from slim_jax.nn import SlimConfig, inference_view, inject
 
 
 @nnx.jit
@@ -117,7 +116,7 @@ def test_slim_dynamic_merging_in_evaluation(llama, tokenizer):
     for path, var in nnx.iter_graph(llama):  # non-zero experts, so masks change the output
         if path and path[-1] == "experts_b":
             var.set_value(0.5 * jax.random.normal(jax.random.key(len(path)), var.shape))
-    model = eval_view(llama)
+    model = inference_view(llama)
     layer = model.layers[0].mlp.down_proj
     # Scoring: every call draws fresh masks from the model's own streams.
     batch = {"tokens": jnp.arange(3, 9)[None], "segment_ids": jnp.ones((1, 6), jnp.int32)}

@@ -22,9 +22,9 @@ from experiments.slim_finetune import PROG, main, parse_cli
 from experiments.slim_methods import METHODS, make_method, target_shapes
 from experiments.slim_setup import resolve_inputs
 from slim_jax.checkpoint import Checkpointer
-from slim_jax.eval import StoryCapability, eval_view
+from slim_jax.eval import StoryCapability
 from slim_jax.models.peft_io import load_peft_factors
-from slim_jax.nn import SlimLinear, adapted_layers, inject
+from slim_jax.nn import SlimLinear, adapted_layers, inference_view, inject
 from slim_jax.train import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,9 +98,9 @@ def test_identity_only_routing_leaves_general_capability_unchanged(run, shared_d
                              param_dtype="float32")[:2]
     base, tokenizer = load()
     stories = json.loads((out / "stories.json").read_text())["stories"]
-    capability = StoryCapability(eval_view(base), tokenizer, stories)
+    capability = StoryCapability(inference_view(base), tokenizer, stories)
     base_general = json.loads((out / "results.json").read_text())["base"]["general"]
-    assert capability.measure(eval_view(base)) == base_general
+    assert capability.measure(inference_view(base)) == base_general
 
     model, _ = load()
     method = make_method("slim", config.slim, target_shapes(model, config.targets))
@@ -108,7 +108,7 @@ def test_identity_only_routing_leaves_general_capability_unchanged(run, shared_d
     trainer = Trainer(model, dataclasses.replace(config.train, run_dir=None),
                       devices=jax.devices()[:1])
     trainer.restore(Checkpointer(out / "runs/slim/seed0/checkpoints"))
-    trained = eval_view(trainer.model())
+    trained = inference_view(trainer.model())
     layers = [m for m in adapted_layers(trained).values() if isinstance(m, SlimLinear)]
     assert len(layers) == 2 and config.slim.top_k <= config.slim.num_identity_experts
     # Every token well inside its cluster (no yielding): the trained LoRA experts get weight and

@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from slim_jax.models import generate as gen
-from slim_jax.models import t5_generate
 from slim_jax.models.llama import Llama, LlamaConfig
 from slim_jax.models.t5 import T5, T5Config
 from slim_jax.nn import SlimConfig, SlimLinear, inject
@@ -127,7 +126,7 @@ def test_t5_masks_are_redrawn_per_pass_and_reseeding_repeats(slim_t5):
     rows = [[5, 7, 1], [3, 1]]
     nnx.reseed(slim_t5, slim=3)
     before = counts(slim_t5)
-    first = t5_generate.generate(slim_t5, rows, max_new_tokens=NEW, stop_ids=())
+    first = gen.generate(slim_t5, rows, max_new_tokens=NEW, stop_ids=())
     drawn = {path: c - before[path] for path, c in counts(slim_t5).items()}
     # Encoder layers and the cross-attention keys run once; decoder layers once per token.
     assert drawn == {
@@ -137,9 +136,9 @@ def test_t5_masks_are_redrawn_per_pass_and_reseeding_repeats(slim_t5):
         "decoder/block/0/layer/1/EncDecAttention/k": 1,
         "decoder/block/0/layer/2/DenseReluDense/wo": NEW,
     }
-    size = t5_generate._generate_jit._cache_size()
-    second = t5_generate.generate(slim_t5, rows, max_new_tokens=NEW, stop_ids=())
+    size = gen._generate_jit._cache_size()
+    second = gen.generate(slim_t5, rows, max_new_tokens=NEW, stop_ids=())
     nnx.reseed(slim_t5, slim=3)
-    again = t5_generate.generate(slim_t5, rows, max_new_tokens=NEW, stop_ids=())
+    again = gen.generate(slim_t5, rows, max_new_tokens=NEW, stop_ids=())
     assert again.tokens == first.tokens != second.tokens
-    assert t5_generate._generate_jit._cache_size() == size
+    assert gen._generate_jit._cache_size() == size

@@ -36,27 +36,6 @@ def tiny_dirs(tmp_path_factory):
     return model, whole, sharded, pickled
 
 
-def test_resolve_local_dir_and_missing_files(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    assert hf.resolve_model_dir(str(tmp_path)) == tmp_path.resolve()
-    with pytest.raises(CheckpointError, match=r"lacks tokenizer\.json.*holds: config\.json"):
-        hf.resolve_model_dir(tmp_path, required=("config.json", "tokenizer.json"))
-    with pytest.raises(CheckpointError, match="is a file; expected a model directory"):
-        hf.resolve_model_dir(tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match=r"no directory .*expected an existing local"):
-        hf.resolve_model_dir(tmp_path / "nested" / "missing")
-
-
-def test_hub_id_offline_names_the_missing_files(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"'someone/tiny-llama'.*offline.*Missing files: "
-                                              r"config\.json, model\.safetensors"):
-        hf.resolve_model_dir("someone/tiny-llama", required=("config.json", "model.safetensors"))
-
-
 def test_read_config_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json does not exist"):
         hf.read_config(tmp_path)

@@ -18,10 +18,9 @@ from slim_jax.models.llama import (
     Llama,
     LlamaConfig,
     RopeScaling,
-    hf_name_to_path,
-    path_to_hf_name,
     rope_frequencies,
 )
+from slim_jax.models.llama_hf import hf_name_to_path, path_to_hf_name
 
 VOCAB = 96
 

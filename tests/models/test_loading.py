@@ -49,6 +49,6 @@ def test_bad_paths_are_named(shared_data, tmp_path):
     with pytest.raises(CheckpointError, match=r"is a PyTorch pickle, not a llama2\.c checkpoint"):
         load_model(tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ConfigError, match="model_type 'gpt2'; slim_jax implements llama, qwen2, "
-                                          "t5, mt5"):
+    with pytest.raises(ConfigError, match=r"config\.json: model_type 'gpt2' is not implemented; "
+                                          "slim_jax loads llama, mt5, qwen2, t5"):
         load_model(tmp_path)

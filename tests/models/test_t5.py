@@ -13,9 +13,10 @@ import transformers
 from flax import nnx
 
 from slim_jax.errors import CheckpointError, ConfigError, ShapeError
-from slim_jax.models import t5_generate
+from slim_jax.models import generate as gen
 from slim_jax.models.generate import trim_at_stop
-from slim_jax.models.t5 import T5, T5Config, relative_position_buckets
+from slim_jax.models.t5 import T5, T5Config
+from slim_jax.models.t5_blocks import relative_position_buckets
 
 VOCAB = 64
 
@@ -174,7 +175,7 @@ def test_greedy_generation_matches_transformers(tiny):
     hf_model, model, _ = tiny
     rows = _ragged_inputs()
     ref = _hf_generate(hf_model, rows, 20, eos=1)
-    ours = t5_generate.generate(model, rows, max_new_tokens=20)
+    ours = gen.generate(model, rows, max_new_tokens=20)
     assert ours.tokens == ref
     assert [len(r) for r in ref] == [20, 20, 20]  # nothing stopped: every token compared
 
@@ -182,11 +183,11 @@ def test_greedy_generation_matches_transformers(tiny):
 def test_generation_stops_each_row_at_eos_as_transformers(tiny):
     hf_model, model, _ = tiny
     rows = _ragged_inputs()
-    full = t5_generate.generate(model, rows, max_new_tokens=20).tokens
+    full = gen.generate(model, rows, max_new_tokens=20).tokens
     # A token some row first emits at step k >= 2: as EOS it ends that row there, not the others.
     i, k, eos = next((i, k, t) for i, row in enumerate(full) for k, t in enumerate(row)
                      if k >= 2 and t not in row[:k])
-    ours = t5_generate.generate(model, rows, max_new_tokens=20, stop_ids=(eos,))
+    ours = gen.generate(model, rows, max_new_tokens=20, stop_ids=(eos,))
     assert ours.tokens == _hf_generate(hf_model, rows, 20, eos)
     assert ours.tokens[i] == full[i][:k]
     assert any(len(row) > k for row in ours.tokens)  # another row went on
@@ -195,23 +196,23 @@ def test_generation_stops_each_row_at_eos_as_transformers(tiny):
 def test_generation_compiles_once_per_bucket(tiny):
     _, model, _ = tiny
     rows = _ragged_inputs()
-    t5_generate.generate(model, rows, max_new_tokens=6)
-    size = t5_generate._generate_jit._cache_size()
-    t5_generate.generate(model, [row[::-1] for row in rows[1:]] + [[3, 1]], max_new_tokens=6)
-    assert t5_generate._generate_jit._cache_size() == size
+    gen.generate(model, rows, max_new_tokens=6)
+    size = gen._generate_jit._cache_size()
+    gen.generate(model, [row[::-1] for row in rows[1:]] + [[3, 1]], max_new_tokens=6)
+    assert gen._generate_jit._cache_size() == size
 
 
 def test_sampling_with_a_tiny_nucleus_is_greedy(tiny):
     _, model, _ = tiny
     rows = _ragged_inputs()
-    greedy = t5_generate.generate(model, rows, max_new_tokens=5).tokens
-    sampled = t5_generate.generate(model, rows, max_new_tokens=5, temperature=0.7, top_p=1e-6,
+    greedy = gen.generate(model, rows, max_new_tokens=5).tokens
+    sampled = gen.generate(model, rows, max_new_tokens=5, temperature=0.7, top_p=1e-6,
                                    key=jax.random.key(1)).tokens
     assert sampled == greedy
     with pytest.raises(ConfigError, match="needs a PRNG key"):
-        t5_generate.generate(model, rows, max_new_tokens=5, temperature=0.7)
-    with pytest.raises(ConfigError, match="empty token list"):
-        t5_generate.generate(model, [[]], max_new_tokens=5)
+        gen.generate(model, rows, max_new_tokens=5, temperature=0.7)
+    with pytest.raises(ConfigError, match="prompt 0 is empty"):
+        gen.generate(model, [[]], max_new_tokens=5)
 
 
 def test_bf16_compute_and_storage(tiny):

@@ -1,0 +1,71 @@
+"""The shared layers: every attention implementation available here equals a plain reference
+(bias, mask, scale, grouped-query heads), in float32 to 1e-5; the KV write and RMS norm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from slim_jax.errors import ConfigError
+from slim_jax.models.layers import ATTENTION_IMPLS, RMSNorm, attention, write_kv
+
+
+def _available(impl: str) -> bool:
+    return impl != "cudnn" or jax.default_backend() == "gpu"
+
+
+def _reference(q, k, v, bias, mask, scale):
+    """softmax(scale q k^T + bias, masked) v, head by head in float64 NumPy."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, s, h, d = q.shape
+    group = h // k.shape[2]
+    out = np.zeros((b, s, h, d))
+    for head in range(h):
+        scores = np.einsum("bsd,btd->bst", q[:, :, head], k[:, :, head // group]) * scale
+        if bias is not None:
+            scores = scores + np.asarray(bias, np.float64)[:, head]
+        if mask is not None:
+            scores = np.where(np.asarray(mask), scores, -1e30)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out[:, :, head] = np.einsum("bst,btd->bsd", probs, v[:, :, head // group])
+    return out.reshape(b, s, h * d)
+
+
+@pytest.mark.parametrize("impl", [i for i in ATTENTION_IMPLS if _available(i)])
+@pytest.mark.parametrize("case", ["gqa_mask_scale", "bias_no_scale", "mha_bias_and_mask"])
+def test_every_implementation_equals_the_reference(impl, case):
+    keys = jax.random.split(jax.random.key(0), 4)
+    heads, kv_heads = (8, 2) if case == "gqa_mask_scale" else (4, 4)
+    q = jax.random.normal(keys[0], (2, 5, heads, 16))
+    k = jax.random.normal(keys[1], (2, 7, kv_heads, 16))
+    v = jax.random.normal(keys[2], (2, 7, kv_heads, 16))
+    causal = jnp.arange(7)[None, :] <= jnp.arange(5)[:, None] + 2
+    mask = None if case == "bias_no_scale" else jnp.broadcast_to(causal, (2, 5, 7))
+    bias = None if case == "gqa_mask_scale" else jax.random.normal(keys[3], (1, heads, 5, 7))
+    scale = 16**-0.5 if case == "gqa_mask_scale" else None
+    got = jax.jit(lambda q, k, v: attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                            implementation=impl))(q, k, v)
+    want = _reference(q, k, v, bias, mask, 1.0 if scale is None else scale)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_implementation_is_named():
+    x = jnp.ones((1, 2, 2, 4))
+    with pytest.raises(ConfigError, match="attention implementation 'flash' is not known"):
+        attention(x, x, x, implementation="flash")
+
+
+def test_write_kv_and_rms_norm():
+    cache = write_kv(jnp.zeros((2, 6, 1, 3)), jnp.ones((2, 2, 1, 3)), 3)
+    assert cache[:, 3:5].min() == 1 and cache.sum() == 2 * 2 * 3
+    norm = RMSNorm(4, eps=0.0, dtype=jnp.float32, param_dtype=jnp.float32)
+    x = jnp.array([[3.0, -3.0, 3.0, -3.0]])
+    np.testing.assert_allclose(norm(x), x / 3)
+    t5_style = RMSNorm(4, eps=0.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                       scale_in_float32=True)
+    assert t5_style(x).dtype == jnp.bfloat16
+    assert isinstance(norm.scale, nnx.Param) and norm.scale.logical_axes == ("norm",)
