@@ -1,7 +1,7 @@
 """LoRAHub's BIG-Bench Hard protocol (LORAHUB.md s5): module draws, runs, baselines, scores.
 
-Per task: the K ADAPT examples (`BBHTask.adapt_split`: `random.Random(42).sample`, kept out of the
-test set), then
+Per task: the K ADAPT examples (`BBHTask.adapt_split`: the reference's seed-42 shuffle, kept out
+of the test set), then
 - baselines: zero-shot (the base model), in-context learning with the same K examples in the
   prompt;
 - for each run s = 1..R, the modules of `module_draws` (the reference's `random.seed(s);
