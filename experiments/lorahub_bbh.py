@@ -20,7 +20,8 @@ draws over those modules in LoRAHub's list order; `--bbh.tasks all` runs all 27 
 Examples:
     python -m experiments.lorahub_bbh                               # the cpu preset
     python -m experiments.lorahub_bbh --bbh.tasks navigate --protocol.runs 2
-    python -m experiments.lorahub_bbh --protocol.methods cmaes,cobyla,gradient --protocol.budget 80
+    python -m experiments.lorahub_bbh --protocol.search cmaes --protocol.population-size 16
+    python -m experiments.lorahub_bbh --protocol.compare cobyla,gradient --protocol.budget 80
     python -m experiments.lorahub_bbh --preset flan-t5-large --modules.dir /ckpt/lorahub_modules
     python -m experiments.lorahub_bbh --help                        # every field and default
 """
@@ -134,9 +135,10 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
               f"Command: `{command}`\n\n"
               f"Model: `{config.model.path}`; {p.runs} runs of "
               f"{p.modules_per_run} modules; K={p.k} ADAPT examples; budget {p.budget} "
-              f"evaluations (CMA-ES population {p.population_size}); objective {p.objective_mode}"
-              f", L1 {p.l1_coeff}; greedy decoding of up to {p.max_new_tokens} tokens. Exact "
-              f"match x 100 on each task's examples outside the ADAPT set. {seconds:.0f} s.\n\n")
+              f"evaluations (search {p.search}, population {p.population_size}); objective "
+              f"{p.objective_mode}, L1 {p.l1_coeff}; greedy decoding of up to "
+              f"{p.max_new_tokens} tokens. Exact match x 100 on each task's examples outside "
+              f"the ADAPT set. {seconds:.0f} s.\n\n")
     (out / "results.md").write_text(header + table + "\n")
     (out / "results.json").write_text(results_json(results, command=command, seconds=seconds,
                                                    config=dataclasses.asdict(config)) + "\n")
