@@ -1,9 +1,10 @@
-"""`python -m experiments.lorahub_bbh`: LoRAHub on BIG-Bench Hard, with a vmapped CMA-ES search.
+"""`python -m experiments.lorahub_bbh`: LoRAHub on BIG-Bench Hard, with a choice of searches.
 
 For every BBH task (LORAHUB.md s5): the K=5 ADAPT examples (seed 42, kept out of the test set),
 zero-shot and in-context baselines, then five runs, run s composing the 20 modules drawn by
 `random.seed(s); random.sample(names, 20)`: the uniform average, the best single module, and
-each search (CMA-ES with the population vmapped, COBYLA as the reference runs it) at the same
+each search (`--protocol.search`, default Adam through the composition, and COBYLA as the
+reference runs it) at the same
 budget; the found weights are merged once and the test set answered greedily (up to 256 new
 tokens; a decoder-only model's prompt is cut from the left so prompt and answer fit its
 positions). Scores are exact match x 100. The run folder:
@@ -11,7 +12,7 @@ positions). Scores are exact match x 100. The run folder:
     <out>/command.txt, config.json     the exact command, the full resolved config
     <out>/results.md                   the per-task table with the average over tasks
     <out>/results.json                 every run's modules, weights, objectives, histories
-    <out>/search_progress.png          best objective against evaluations, CMA-ES vs COBYLA
+    <out>/search_progress.png          best objective against evaluations, per search
 
 The cpu preset (default) uses the TinyStories model with modules from
 `python -m experiments.train_lora_modules` (trained first when the module folder is empty) and

@@ -44,7 +44,7 @@ def test_upstream_tasks_follow_the_module_list(shared_data):
 
 def test_protocol_config_errors():
     with pytest.raises(ConfigError, match="smaller than one generation of population_size=8"):
-        ProtocolConfig(budget=4, population_size=8)
+        ProtocolConfig(search="cmaes", budget=4, population_size=8)
     with pytest.raises(ConfigError, match="unknown search method"):
         ProtocolConfig(compare=("nelder",))
     with pytest.raises(ConfigError, match="unknown search method"):
