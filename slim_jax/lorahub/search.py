@@ -239,7 +239,7 @@ SEARCHES: dict[str, Search] = {
     "gradient": Search(gradient_search, ("budget", "bound", "learning_rate")),
 }
 # The search study (experiments/RESULTS.md, "Which search at 40 evaluations"): on the ADAPT
-# objectives of the cpu preset's targets, Adam through the composition had the lowest objective
+# objectives of the cpu preset's targets (4), Adam through the composition had the lowest objective
 # at 40 evaluations, then COBYLA and CMA-ES started from the best single module; plain CMA-ES from
 # w = 0 did not win at this budget. The vmapped CMA-ES ("cmaes") stays the choice for
 # accelerators, where a generation is one batched pass.
