@@ -1,9 +1,10 @@
-"""`python -m experiments.lorahub_bbh`: LoRAHub on BIG-Bench Hard, with a vmapped CMA-ES search.
+"""`python -m experiments.lorahub_bbh`: LoRAHub on BIG-Bench Hard, with a choice of searches.
 
 For every BBH task (LORAHUB.md s5): the K=5 ADAPT examples (seed 42, kept out of the test set),
 zero-shot and in-context baselines, then five runs, run s composing the 20 modules drawn by
 `random.seed(s); random.sample(names, 20)`: the uniform average, the best single module, and
-each search (CMA-ES with the population vmapped, COBYLA as the reference runs it) at the same
+each search (`--protocol.search`, default Adam through the composition, and COBYLA as the
+reference runs it) at the same
 budget; the found weights are merged once and the test set answered greedily (up to 256 new
 tokens; a decoder-only model's prompt is cut from the left so prompt and answer fit its
 positions). Scores are exact match x 100. The run folder:
@@ -12,7 +13,7 @@ positions). Scores are exact match x 100. The run folder:
     <out>/draws.json                   the modules each run composes
     <out>/results.md                   the per-task table with the average over tasks
     <out>/results.json                 every run's modules, weights, objectives, histories
-    <out>/search_progress.png          best objective against evaluations, CMA-ES vs COBYLA
+    <out>/search_progress.png          best objective against evaluations, per search
     <out>/tasks/<task>.json            one finished task's results (written when it finishes)
     <out>/FINISHED                     written last, when every task is done
 
@@ -30,7 +31,8 @@ draws over those modules in LoRAHub's list order; `--bbh.tasks all` runs all 27 
 Examples:
     python -m experiments.lorahub_bbh                               # the cpu preset
     python -m experiments.lorahub_bbh --bbh.tasks navigate --protocol.runs 2
-    python -m experiments.lorahub_bbh --protocol.methods cmaes,cobyla,gradient --protocol.budget 80
+    python -m experiments.lorahub_bbh --protocol.search cmaes --protocol.population-size 16
+    python -m experiments.lorahub_bbh --protocol.compare cobyla,gradient --protocol.budget 80
     python -m experiments.lorahub_bbh --preset flan-t5-large --modules.dir /ckpt/lorahub_modules
     python -m experiments.lorahub_bbh --help                        # every field and default
 """
@@ -171,9 +173,10 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
               f"Command: `{command}`\n\n"
               f"Model: `{config.model.path}`; {p.runs} runs of "
               f"{p.modules_per_run} modules; K={p.k} ADAPT examples; budget {p.budget} "
-              f"evaluations (CMA-ES population {p.population_size}); objective {p.objective_mode}"
-              f", L1 {p.l1_coeff}; greedy decoding of up to {p.max_new_tokens} tokens. Exact "
-              f"match x 100 on each task's examples outside the ADAPT set. {seconds:.0f} s.\n\n")
+              f"evaluations (search {p.search}, population {p.population_size}); objective "
+              f"{p.objective_mode}, L1 {p.l1_coeff}; greedy decoding of up to "
+              f"{p.max_new_tokens} tokens. Exact match x 100 on each task's examples outside "
+              f"the ADAPT set. {seconds:.0f} s.\n\n")
     run_state.write_atomic(out / "results.md", header + table + "\n")
     run_state.write_atomic(out / "results.json", results_json(
         results, command=command, seconds=seconds, config=dataclasses.asdict(config)) + "\n")

@@ -3,7 +3,9 @@
 
 Each config is a tree of frozen dataclasses, every field a flag (`experiments.cli`); the
 LoRAHub protocol itself is the library's `slim_jax.lorahub.ProtocolConfig` (`--protocol.budget
-80`, `--protocol.methods cmaes,cobyla,gradient`).
+80`; `--protocol.search NAME` selects LoRAHub's search from `slim_jax.lorahub.SEARCHES`,
+`--protocol.population-size P` its population, `--protocol.compare cobyla,gradient` the searches
+run beside it).
 
 Presets:
 - `cpu` (the default): the real pretrained TinyStories model (llama2.c `stories260K`, 260K

@@ -4,9 +4,10 @@
   `False`, `24`).
 - In-context prompt: the same with the K ADAPT examples in front, as `Q: <input>\\nA: <target>`
   shots.
-- ADAPT examples: `random.Random(42).sample(range(num_examples), 5)`, the indices in draw order. The
-  test set is the task's remaining examples in file order, so ADAPT and test never overlap (the
-  reference code tests on all examples, ADAPT ones included).
+- ADAPT examples: as the reference's `reproduce_bbh.py` draws them: `random.seed(42)`, shuffle the
+  list of (input, target) pairs, take the first 5 (`adapt_indices`). The test set is the task's
+  remaining examples in file order, so ADAPT and test never overlap (the reference code tests on
+  all examples, ADAPT ones included).
 - Exact match (LORAHUB.md s5): `pred.strip().lower().replace(".", "")` equals the target normalised
   the same way; score = 100 x mean.
 
@@ -65,15 +66,21 @@ def bbh_icl_prompt(description: str, shots: Sequence[BBHExample], question: str)
 
 
 def adapt_indices(num_examples: int, k: int = ADAPT_K, seed: int = ADAPT_SEED) -> list[int]:
-    """Indices of the K ADAPT examples: `random.Random(seed).sample(range(num_examples), k)`.
+    """Indices of the K ADAPT examples, drawn as the reference (`reproduce_bbh.py`) draws them.
+
+    The reference seeds Python's generator with `seed`, shuffles the list of the task's
+    (input, target) pairs and keeps the first K; a shuffle's permutation depends only on the
+    list's length, so shuffling the indices `0..n-1` the same way names the same examples.
 
     >>> adapt_indices(250)
-    [163, 28, 6, 189, 70]
+    [44, 98, 184, 123, 121]
     """
     if not 0 <= k <= num_examples:
         raise ConfigError(f"K={k} ADAPT examples requested but the task has {num_examples} "
                           f"examples; choose 0 <= K <= {num_examples}")
-    return random.Random(seed).sample(range(num_examples), k)
+    order = list(range(num_examples))
+    random.Random(seed).shuffle(order)  # reproduce_bbh.py: random.seed(42); random.shuffle(pairs)
+    return order[:k]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 - `library`: load N LoRA modules (PEFT directories or slim_jax adapters), check, stack, attach.
 - `objective`: the few-shot loss of a composition plus `0.05 * mean|w|`, for a population at once.
-- `search`: evosax CMA-ES (vmapped population, `lax.scan` loop), COBYLA (the reference's), Adam.
+- `search`: every search by name (`SEARCHES`): evosax strategies with a vmapped population and a
+  `lax.scan` loop (`evolution`: CMA-ES, separable CMA-ES, SNES, singles-first, IPOP
+  restarts), COBYLA as the reference runs it, Adam; all return a `SearchResult`.
 - `predict`, `protocol`, `report`: BIG-Bench Hard answers, the paper's protocol, tables and plots.
 - `upstream`: train LoRA modules on the T0 template tasks named like LoRAHub's, save as PEFT.
 
@@ -41,11 +43,15 @@ from slim_jax.lorahub.protocol import (
 )
 from slim_jax.lorahub.report import plot_search_progress, results_json, results_table
 from slim_jax.lorahub.search import (
+    DEFAULT_SEARCH,
     SEARCHES,
+    STRATEGIES,
+    Search,
     SearchResult,
+    bounce,
     cmaes_search,
     cobyla_search,
-    fold,
+    evolution_search,
     gradient_search,
     population_mesh,
     score_candidates,
@@ -61,9 +67,11 @@ from slim_jax.lorahub.upstream import (
 )
 
 __all__ = [
+    "DEFAULT_SEARCH",
     "L1_COEFF",
     "LOSS_MODES",
     "SEARCHES",
+    "STRATEGIES",
     "AttachedLibrary",
     "LibraryError",
     "LoRAModule",
@@ -71,15 +79,17 @@ __all__ = [
     "Objective",
     "ProtocolConfig",
     "RunResult",
+    "Search",
     "SearchResult",
     "TaskResult",
     "UpstreamConfig",
+    "bounce",
     "build_objective",
     "check_modules",
     "cmaes_search",
     "cobyla_search",
+    "evolution_search",
     "find_module",
-    "fold",
     "gradient_search",
     "greedy_answers",
     "load_module",

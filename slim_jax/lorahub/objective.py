@@ -48,16 +48,17 @@ def objective_layout(model: nnx.Module, tokenizer: Tokenizer,
 
     Encoder-decoder: inputs and targets each at most `max_length` (the reference's 2048).
     Decoder-only: prompt + target at most `min(max_length, max_position_embeddings)` positions
-    (the prompt loses its start first). Row lengths are 32, 48, 64, 96, 128, 192, ... (powers of
-    two and 1.5x them: at most a third of a row is padding), so tasks of similar lengths share one
-    compiled objective.
+    (the prompt loses its start first). Row lengths are 4, 6, 8, 12, 16, 24, 32, 48, ... (powers
+    of two and 1.5x them: at most a third of a row is padding, so a 2-7 token answer is padded to
+    at most 8, as the reference pads to the longest example), and tasks of similar lengths share
+    one compiled objective.
 
     >>> from slim_jax.data import ByteTokenizer
     >>> from slim_jax.models.llama import Llama, LlamaConfig
     >>> cfg = LlamaConfig(vocab_size=300, hidden_size=8, intermediate_size=8, num_layers=1,
     ...                   num_heads=2, num_kv_heads=1, max_position_embeddings=128)
     >>> objective_layout(Llama(cfg, rngs=nnx.Rngs(0)), ByteTokenizer()).lengths
-    ((32, 48, 64, 96, 128),)
+    ((4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128),)
     """
     if max_length < 2:
         raise ConfigError(f"max_length must be >= 2 tokens, got {max_length}")
@@ -69,7 +70,7 @@ def objective_layout(model: nnx.Module, tokenizer: Tokenizer,
 
 
 def _bucket_lengths(limit: int) -> tuple[int, ...]:
-    steps = sorted({base << k for base in (32, 48) for k in range(32)})
+    steps = sorted({base << k for base in (4, 6) for k in range(32)})
     return (*(n for n in steps if n < limit), limit)
 
 

@@ -1,13 +1,14 @@
 """LoRAHub's BIG-Bench Hard protocol (LORAHUB.md s5): module draws, runs, baselines, scores.
 
-Per task: the K ADAPT examples (`BBHTask.adapt_split`: `random.Random(42).sample`, kept out of the
-test set), then
+Per task: the K ADAPT examples (`BBHTask.adapt_split`: the reference's seed-42 shuffle, kept out
+of the test set), then
 - baselines: zero-shot (the base model), in-context learning with the same K examples in the
   prompt;
 - for each run s = 1..R, the modules of `module_draws` (the reference's `random.seed(s);
   random.sample(names, 20)`): the uniform average `w_i = 1/N`, the best single module by ADAPT
-  objective, and every search method (`slim_jax.lorahub.search`) over the same objective and
-  budget; the found weights are merged once and the test set answered greedily.
+  objective, LoRAHub's search (`ProtocolConfig.search`) and the searches compared with it
+  (`compare`, default the reference's COBYLA) over the same objective and budget; the found
+  weights are merged once and the test set answered greedily.
 Scores are exact match x 100 (`slim_jax.data.exact_match_score`).
 
 Attaching a library puts `LoRALinear` layers on the model's adapted layers in place; until a
@@ -38,7 +39,14 @@ from slim_jax.lorahub.objective import (
     objective_layout,
 )
 from slim_jax.lorahub.predict import greedy_answers
-from slim_jax.lorahub.search import BOUND, SEARCHES, score_candidates, search
+from slim_jax.lorahub.search import (
+    BOUND,
+    DEFAULT_SEARCH,
+    SEARCHES,
+    check_budget,
+    score_candidates,
+    search,
+)
 from slim_jax.tokenizer import Tokenizer
 
 BASELINES = ("zero_shot", "icl")
@@ -72,11 +80,16 @@ class ProtocolConfig:
       adapt_seed: seed of the ADAPT draw (42).
       runs: module draws, s = 1..runs (5).
       modules_per_run: N modules per draw (20).
-      methods: search methods run on every draw ("cmaes", "cobyla", "gradient").
+      search: LoRAHub's search, a name of `slim_jax.lorahub.SEARCHES` ("cmaes", "cobyla",
+        "singles_cmaes", ...).
+      compare: searches run beside it on every draw at the same budget (the reference's
+        "cobyla" by default; empty for none).
       baselines: which of zero_shot, icl, uniform, best_single to compute.
       budget: objective evaluations per search (40, the reference's).
-      population_size: CMA-ES candidates per generation.
-      sigma: CMA-ES initial step size.
+      population_size: candidates per generation of the evolution strategies.
+      sigma: their initial step size.
+      top: "singles_cmaes" starts from the average of the best `top` single modules.
+      restart_every: "ipop_cmaes" restarts after this many generations (0: never).
       learning_rate: the gradient search's Adam step.
       bound: the box of the weights (1.5).
       objective_mode: "compat" (the reference's loss) or "mean".
@@ -93,11 +106,14 @@ class ProtocolConfig:
     adapt_seed: int = 42
     runs: int = 5
     modules_per_run: int = 20
-    methods: tuple[str, ...] = ("cmaes", "cobyla")
+    search: str = DEFAULT_SEARCH
+    compare: tuple[str, ...] = ("cobyla",)
     baselines: tuple[str, ...] = (*BASELINES, *RUN_BASELINES)
     budget: int = 40
     population_size: int = 8
     sigma: float = 0.5
+    top: int = 1
+    restart_every: int = 8
     learning_rate: float = 0.05
     bound: float = BOUND
     objective_mode: LossMode = "compat"
@@ -122,10 +138,10 @@ class ProtocolConfig:
                               f"{self.objective_mode!r}")
         if self.k < 1:
             raise ConfigError(f"k (ADAPT examples) must be >= 1, got {self.k}")
-        if "cmaes" in self.methods and self.budget < self.population_size:
-            raise ConfigError(f"a budget of {self.budget} evaluations is smaller than one CMA-ES "
-                              f"generation of population_size={self.population_size}; give "
-                              f"budget >= {self.population_size} or a smaller population")
+        for method in self.methods:  # a budget below a start's cost: named before any work
+            if SEARCHES[method].start is not None:
+                check_budget(self.budget, self.modules_per_run, self.population_size,
+                             SEARCHES[method].start)
         if self.budget < 1 or self.runs < 1 or self.modules_per_run < 1:
             raise ConfigError("budget, runs and modules_per_run must be >= 1, got "
                               f"{self.budget}, {self.runs}, {self.modules_per_run}")
@@ -133,15 +149,16 @@ class ProtocolConfig:
             raise ConfigError(f"max_test_examples must be >= 1 or None, got "
                               f"{self.max_test_examples}")
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Every search run on a draw: `search` first, then `compare` (each once)."""
+        return tuple(dict.fromkeys((self.search, *self.compare)))
+
     def search_options(self, method: str, run: int) -> dict[str, Any]:
-        """Keyword options of `search(objective, method, ...)` for run `run` (1-based)."""
-        options: dict[str, Any] = {"budget": self.budget, "bound": self.bound}
-        if method == "cmaes":
-            options |= {"population_size": self.population_size, "sigma": self.sigma,
-                        "seed": self.seed + run}
-        elif method == "gradient":
-            options |= {"learning_rate": self.learning_rate}
-        return options
+        """Keyword settings of `search(objective, method, ...)` for run `run` (1-based): the
+        fields named in `SEARCHES[method].settings`, the seed offset by the run."""
+        fields = {**dataclasses.asdict(self), "seed": self.seed + run}
+        return {name: fields[name] for name in SEARCHES[method].settings}
 
 
 @dataclasses.dataclass

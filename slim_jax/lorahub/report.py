@@ -19,7 +19,9 @@ import numpy as np
 from slim_jax.lorahub.protocol import BASELINES, RUN_BASELINES, TaskResult
 
 _TITLES = {"zero_shot": "zero-shot", "icl": "ICL", "uniform": "uniform", "best_single":
-           "best single", "cmaes": "LoRAHub CMA-ES", "cobyla": "LoRAHub COBYLA",
+           "best single", "cmaes": "LoRAHub CMA-ES", "sep_cmaes": "LoRAHub sep-CMA-ES",
+           "snes": "LoRAHub SNES", "singles_cmaes": "LoRAHub singles+CMA-ES",
+           "ipop_cmaes": "LoRAHub IPOP-CMA-ES", "cobyla": "LoRAHub COBYLA",
            "gradient": "LoRAHub gradient"}
 
 

@@ -38,8 +38,11 @@ def test_help_lists_every_field_with_its_default(capsys):
                                  "['navigate']?"),
     (["--bbh.tasks", "navigate", "--protocol.k", "300"],
      "K=300 ADAPT examples requested but the task has 250"),
-    (["--protocol.budget", "4", "--protocol.population-size", "8"],
-     "a budget of 4 evaluations is smaller than one CMA-ES generation of population_size=8"),
+    (["--protocol.budget", "4", "--protocol.population-size", "8", "--protocol.search", "cmaes"],
+     "a budget of 4 evaluations is smaller than one generation of population_size=8"),
+    (["--protocol.budget", "24", "--protocol.search", "singles_cmaes"],
+     "a budget of 24 evaluations is smaller than the 'singles' start's 20 single-module "
+     "evaluations (N=20) plus one generation of population_size=8; give budget >= 28"),
 ])
 def test_bad_input_is_one_line(args, message, capsys, shared_data, tmp_path):
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data),
@@ -142,7 +145,7 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
                     "--protocol.runs", "2", "--protocol.modules-per-run", "2",
                     "--protocol.max-test-examples", "2", "--protocol.max-new-tokens", "2",
                     "--protocol.max-length", "64", "--protocol.budget", "8",
-                    "--protocol.population-size", "4")
+                    "--protocol.population-size", "4", "--protocol.search", "cmaes")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert [t["task"] for t in results["tasks"]] == ["navigate", "web_of_lies"]

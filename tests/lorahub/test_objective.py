@@ -191,3 +191,16 @@ def test_bad_objective_settings(kwargs, message, llama_setup):
                         **kwargs)
     with pytest.raises(ConfigError, match="at least one ADAPT example"):
         build_objective(attached, [], objective_layout(model, ByteTokenizer()))
+
+
+def test_targets_are_padded_no_more_than_needed(t5_setup):
+    """Issue 12: 2-7 token answers were padded to 32 decoder positions; the reference pads to the
+    longest example. Rows now take the smallest of 4, 6, 8, 12, ... that holds the longest."""
+    model, modules = t5_setup
+    attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
+    examples = adapt_examples()  # byte targets of 2-7 tokens plus EOS: at most 8
+    objective = build_objective(attached, examples, objective_layout(model, ByteTokenizer()))
+    longest = max(len(e.response) for e in examples) + 1  # + EOS
+    assert objective.batches["targets"].shape[-1] == 8 >= longest
+    inputs = max(len(e.instruction.encode()) for e in examples) + 1  # + EOS: 34
+    assert objective.batches["enc_tokens"].shape[-1] == 48 >= inputs > 32

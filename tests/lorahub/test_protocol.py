@@ -43,16 +43,18 @@ def test_upstream_tasks_follow_the_module_list(shared_data):
 
 
 def test_protocol_config_errors():
-    with pytest.raises(ConfigError, match="smaller than one CMA-ES generation"):
-        ProtocolConfig(budget=4, population_size=8)
+    with pytest.raises(ConfigError, match="smaller than one generation of population_size=8"):
+        ProtocolConfig(search="cmaes", budget=4, population_size=8)
     with pytest.raises(ConfigError, match="unknown search method"):
-        ProtocolConfig(methods=("nelder",))
+        ProtocolConfig(compare=("nelder",))
+    with pytest.raises(ConfigError, match="unknown search method"):
+        ProtocolConfig(search="nelder")
     with pytest.raises(ConfigError, match="unknown baseline"):
         ProtocolConfig(baselines=("oracle",))
 
 
 SMALL = ProtocolConfig(runs=2, modules_per_run=3, budget=8, population_size=4,
-                       methods=("cmaes", "cobyla"), max_new_tokens=4, max_test_examples=3,
+                       search="cmaes", compare=("cobyla",), max_new_tokens=4, max_test_examples=3,
                        max_length=96, generation_batch_size=4)
 
 

@@ -1,28 +1,34 @@
-"""The searches: a constructed problem with a known optimum, budgets, bounds, errors."""
+"""The searches: constructed problems with known optima, the reference's COBYLA trajectory,
+bouncing, one vmapped call for the singles, determinism, budgets and errors."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slim_jax.data import ByteTokenizer
 from slim_jax.data.layout import TokenizedExample
 from slim_jax.errors import ConfigError
 from slim_jax.lorahub import (
+    SEARCHES,
     ModuleLibrary,
+    ProtocolConfig,
+    bounce,
     build_objective,
     cmaes_search,
     cobyla_search,
-    fold,
+    evolution_search,
     gradient_search,
     objective_layout,
     search,
 )
-from slim_jax.lorahub.toy import QuadraticObjective
+from slim_jax.lorahub.toy import CompositionObjective, QuadraticObjective
 from slim_jax.models.generate import generate
 from tests.lorahub.conftest import random_modules, target_layers, tiny_llama
 
@@ -63,11 +69,15 @@ def test_cmaes_finds_the_constructed_optimum(constructed):
 
 
 def test_cobyla_reference_optimiser_on_the_constructed_problem(constructed):
-    optimum = float(value(constructed, jnp.asarray(W_STAR)))
-    result = cobyla_search(constructed, budget=160)
-    assert result.evaluations == 160
+    """With the reference's first step (0.5) COBYLA's linear models cannot see this problem: the
+    objective is even in w around 0 and every 0.5-step is far worse than the start, so the
+    best it reports is the start itself. (With rhobeg 1.0 it used to find the optimum.)"""
+    result = cobyla_search(constructed, budget=40)
+    assert result.evaluations == 40
     assert result.values[0] == pytest.approx(float(value(constructed, jnp.zeros(4))))
-    assert result.objective <= 1.05 * optimum
+    assert result.objective == pytest.approx(result.values.min())
+    assert float(value(constructed, jnp.asarray(result.weights))) == pytest.approx(
+        result.objective, rel=1e-5)
 
 
 def test_sequential_scoring_follows_the_same_search(constructed):
@@ -98,7 +108,7 @@ def test_budget_not_a_multiple_of_the_population_is_left_unspent():
     assert result.evaluations == 24
 
 
-def test_out_of_box_optimum_is_folded_to_the_wall():
+def test_out_of_box_optimum_is_bounced_to_the_wall():
     f = QuadraticObjective.around([3.0, -3.0])
     for result in (cmaes_search(f, budget=160, population_size=16),
                    cobyla_search(f, budget=60),
@@ -128,11 +138,131 @@ def test_search_dispatch_and_errors():
         cmaes_search(object(), budget=8)
 
 
+@settings(deadline=None)  # the first call compiles
 @given(st.floats(-100, 100, allow_nan=False))
-def test_fold_lands_in_the_box_and_is_identity_inside(x):
-    y = float(fold(jnp.float32(x), 1.5))
-    assert -1.5 - 1e-5 <= y <= 1.5 + 1e-5
+def test_bounce_is_nevergrads_reflect_once_then_clip(x):
+    y = float(bounce(jnp.float32(x), 1.5))
+    assert -1.5 <= y <= 1.5
     if abs(x) <= 1.5:
-        assert y == pytest.approx(x, abs=1e-5)
-    # A mirror: folding x and its reflection at the wall agree.
-    assert float(fold(jnp.float32(3.0 - x), 1.5)) == pytest.approx(y, abs=1e-4)
+        assert y == pytest.approx(x, abs=1e-6)
+    # nevergrad's Clipping(bounce=True).forward, transcribed: clip, reflect at the wall, clip.
+    out = np.clip(x, -1.5, 1.5)
+    assert y == pytest.approx(float(np.clip(2 * out - x, -1.5, 1.5)), abs=1e-5)
+    # NumPy in gives NumPy out (COBYLA's float64 path), the same values.
+    assert float(bounce(np.float64(x), 1.5)) == pytest.approx(y, abs=1e-5)
+
+
+def test_bounce_differs_from_periodic_folding_only_beyond_three_bounds():
+    x = jnp.array([1.75, -2.5, 4.4, 4.6, -6.0])
+    periodic = 1.5 - jnp.abs(jnp.mod(x + 1.5, 6.0) - 3.0)
+    np.testing.assert_allclose(bounce(x)[:3], periodic[:3], atol=1e-6)
+    np.testing.assert_allclose(bounce(x)[3:], [-1.5, 1.5])  # the wall, not a second reflection
+    assert not np.allclose(bounce(x)[3:], periodic[3:])
+
+
+def test_cobyla_follows_the_reference_trajectory():
+    """The reference (nevergrad NGOpt -> COBYLA on standardised data, sigma 0.5): evaluation 1 is
+    w = 0, evaluation j + 1 is the best vertex so far plus 0.5 e_j, and evaluation N + 2 is a
+    step of 0.5 against the gradient of the linear model through those N + 1 points (Fortran
+    COBYLA, scipy < 1.16, and PRIMA, scipy >= 1.16, agree this far)."""
+    center = np.array([-0.3, -0.2, -0.4, -0.1])  # every +0.5 e_j step is worse than w = 0
+    f = QuadraticObjective.around(center)
+    result = cobyla_search(f, budget=6)
+    n = 4
+    expected = [np.zeros(n)] + [0.5 * np.eye(n)[j] for j in range(n)]
+    values = [float(np.sum((p - center) ** 2)) for p in expected]
+    g = (np.array(values[1:]) - values[0]) / 0.5
+    expected.append(-0.5 * g / np.linalg.norm(g))
+    values.append(float(np.sum((expected[-1] - center) ** 2)))
+    np.testing.assert_allclose(result.values, values, rtol=1e-5)
+    assert result.values[1] == pytest.approx(float(f(jnp.asarray([0.5, 0, 0, 0]))))
+
+    # A step that improves moves the base: evaluation 3 is (0.5 e_1) + 0.5 e_2.
+    g2 = QuadraticObjective.around([0.6, -0.2, 0.3, -0.1])
+    np.testing.assert_allclose(
+        cobyla_search(g2, budget=5).values,
+        [float(g2(jnp.asarray(w))) for w in ([0, 0, 0, 0], [.5, 0, 0, 0], [.5, .5, 0, 0],
+                                             [.5, 0, .5, 0], [.5, 0, .5, .5])], rtol=1e-5)
+
+
+_IPOP_FALLS_SHORT = pytest.mark.xfail(
+    strict=True, reason="measured: restarting CMA-ES from the best point with the initial step "
+    "and twice the population discards the adapted covariance; within 200 evaluations it ends "
+    "6-30% above the optimum where one CMA-ES run gets within 3%")
+
+
+@pytest.mark.parametrize("kind", ["single", "mixture"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=_IPOP_FALLS_SHORT) if m == "ipop_cmaes"
+                                    else m for m in sorted(SEARCHES)])
+def test_every_search_reaches_a_known_optimum_at_budget_200(method, kind):
+    """LoRAHub's bilinear composition with a target written by `w_star`: one module optimal, or
+    a mixture. `f(w_star)` bounds the optimum from above; every search gets within 5% of it."""
+    w_star = [0, 1, 0, 0, 0, 0] if kind == "single" else [0.8, -0.5, 0, 0.6, 0, 0.3]
+    f = CompositionObjective.around(w_star, offset=0.5, seed=1)
+    optimum = float(f(jnp.asarray(w_star, jnp.float32)))
+    assert float(f(jnp.zeros(6))) > 2.5 * optimum  # doing nothing is far from it
+    settings = {"snes": {"population_size": 4, "sigma": 0.3}}.get(method, {})
+    result = search(f, method, budget=200, **settings)
+    assert result.method == method
+    assert result.evaluations <= 200
+    assert result.objective <= 1.05 * optimum, (method, result.objective / optimum)
+    assert result.objective == pytest.approx(float(f(jnp.asarray(result.weights))), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(SEARCHES))
+def test_the_same_seed_gives_the_same_weights(method):
+    f = CompositionObjective.around([0.8, -0.5, 0, 0.6, 0, 0.3], offset=0.5, seed=2)
+    seeded = {"seed": 7} if "seed" in SEARCHES[method].settings else {}
+    first, second = (search(f, method, budget=32, **seeded) for _ in range(2))
+    np.testing.assert_array_equal(first.weights, second.weights)
+    np.testing.assert_array_equal(first.values, second.values)
+    if seeded:  # and another seed searches differently
+        other = search(f, method, budget=32, seed=8)
+        assert not np.array_equal(other.values, first.values)
+
+
+def test_singles_are_scored_in_one_vmapped_call():
+    """All N singles in ONE call of `population` with N rows, then one call per generation."""
+    calls = []
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class Counting(CompositionObjective):
+        def population(self, weights, *, mesh=None, axis="data"):
+            jax.debug.callback(lambda w: calls.append(np.asarray(w)), weights)
+            return super().population(weights, mesh=mesh, axis=axis)
+
+    base = CompositionObjective.around([0, 0, 1, 0, 0, 0], offset=0.5, seed=3)
+    f = Counting(base.a, base.b, base.target, base.offset)
+    result = evolution_search(f, start="singles", budget=6 + 4 * 8, population_size=8,
+                              mesh=None)
+    shapes = [c.shape for c in calls]
+    assert shapes == [(6, 6)] + [(8, 6)] * 4, shapes
+    np.testing.assert_array_equal(calls[0], np.eye(6))
+    assert result.evaluations == 38
+    np.testing.assert_allclose(result.values[:6], np.asarray(base.population(jnp.eye(6))),
+                               rtol=1e-6)
+    # The start (the best single, e_3) is not evaluated again: generation 1 only samples around it.
+    assert not np.any(np.all(calls[1] == np.eye(6)[2], axis=1))
+    assert np.argmax(np.abs(calls[1].mean(0))) == 2
+
+
+def test_a_budget_below_the_start_names_both():
+    f = CompositionObjective.around([0.0] * 20, offset=0.5)
+    with pytest.raises(ConfigError, match=r"budget of 24 .* 'singles' start's 20 single-module "
+                                          r"evaluations \(N=20\) plus one generation of "
+                                          r"population_size=8; give budget >= 28"):
+        search(f, "singles_cmaes", budget=24, population_size=8)
+    with pytest.raises(ConfigError, match="give budget >= 28"):
+        ProtocolConfig(search="singles_cmaes", budget=24, population_size=8)
+    with pytest.raises(ConfigError, match="smaller than one generation of population_size=8"):
+        ProtocolConfig(search="cmaes", budget=7)
+
+
+def test_protocol_settings_reach_each_search():
+    config = ProtocolConfig(search="singles_cmaes", compare=("cobyla", "gradient"), top=3,
+                            population_size=4, seed=10)
+    assert config.methods == ("singles_cmaes", "cobyla", "gradient")
+    assert config.search_options("singles_cmaes", 2) == {
+        "budget": 40, "bound": 1.5, "population_size": 4, "sigma": 0.5, "seed": 12, "top": 3}
+    assert config.search_options("cobyla", 1) == {"budget": 40, "bound": 1.5}

@@ -1,0 +1,185 @@
+"""`python -m experiments.lorahub_search_study`: which search to make LoRAHub's default.
+
+On the ADAPT objectives of real targets (never test accuracy): for every BBH task given and
+every module draw, each search configuration runs at a budget of 200 evaluations on the same
+objective; its best-so-far objective is read at 40, 100 and 200 evaluations, and against
+execution seconds (compilation excluded: with JAX's persistent cache a program compiles once per
+machine). Writes to `--out`:
+
+    study.json            every configuration's values and times per (task, draw)
+    study.md              the table: mean improvement over w = 0 at 40 / 100 / 200 evaluations,
+                          its spread over (task, draw), the mean rank at 40, seconds for 40
+    study_evals.png       best-so-far (relative to w = 0) against evaluations, mean over targets
+    study_seconds.png     the same against execution seconds
+
+Modules come from a folder of PEFT adapters (`python -m experiments.train_lora_modules`); each
+draw takes `--per-run` of them with the reference's `random.seed(s); random.sample`.
+
+Example:
+    python -m experiments.lorahub_search_study --modules runs/lorahub_modules/tinystories260k \\
+        --per-run 8 --runs 2 --out experiments/results/lorahub_search_study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from experiments.presets.lorahub import CPU_TASKS, ModelSpec
+from experiments.train_lora_modules import load_model
+from slim_jax.data import load_bbh
+from slim_jax.lorahub import (
+    ModuleLibrary,
+    build_objective,
+    load_module,
+    module_draws,
+    objective_layout,
+    search,
+)
+from slim_jax.settings import enable_compilation_cache
+
+BUDGET = 200
+MARKS = (40, 100, 200)
+# (label, search, settings): the issue's grid of CMA-ES populations and steps, the other
+# strategies at their tested settings, the starts and restarts, and the reference.
+CONFIGS: tuple[tuple[str, str, dict], ...] = (
+    *((f"cmaes P{p} s{s}", "cmaes", {"population_size": p, "sigma": s})
+      for p in (4, 8, 16) for s in (0.3, 0.5, 1.0)),
+    ("sep_cmaes P8 s0.5", "sep_cmaes", {"population_size": 8, "sigma": 0.5}),
+    ("snes P4 s0.3", "snes", {"population_size": 4, "sigma": 0.3}),
+    ("snes P8 s0.5", "snes", {"population_size": 8, "sigma": 0.5}),
+    ("singles+cmaes P8 s0.5 top1", "singles_cmaes", {"population_size": 8, "sigma": 0.5}),
+    ("singles+cmaes P8 s0.3 top1", "singles_cmaes", {"population_size": 8, "sigma": 0.3}),
+    ("singles+cmaes P8 s0.5 top3", "singles_cmaes",
+     {"population_size": 8, "sigma": 0.5, "top": 3}),
+    ("ipop_cmaes P4 s0.5", "ipop_cmaes", {"population_size": 4, "sigma": 0.5}),
+    ("cobyla (reference)", "cobyla", {}),
+    ("gradient lr0.05", "gradient", {"learning_rate": 0.05}),
+)
+
+
+def run_study(modules_dir: str, tasks: Sequence[str], runs: int, per_run: int,
+              data_dir: str | None, out_dir: Path) -> dict:
+    """Every configuration on every (task, draw): values and times per evaluation (study.json
+    rewritten after each target, so a long study can be read part way)."""
+    model, tokenizer, _ = load_model(ModelSpec(), data_dir)
+    root = Path(modules_dir)
+    names = sorted(p.parent.name for p in root.glob("*/adapter_config.json"))
+    modules = {n: load_module(root / n, model, name=n) for n in names}
+    draws = module_draws(names, runs, per_run)
+    layout = objective_layout(model, tokenizer)
+    out: dict = {"modules": names, "draws": draws, "targets": []}
+    for name, task in load_bbh(list(tasks), data_dir).items():
+        adapt, _ = task.adapt_split()
+        for run, draw in enumerate(draws, start=1):
+            attached = ModuleLibrary.from_modules([modules[n] for n in draw]).attach(model)
+            objective = build_objective(attached, task.as_examples(adapt), layout)
+            target = {"task": name, "run": run, "results": {}}
+            for label, method, settings in CONFIGS:
+                seeded = {} if method in ("cobyla", "gradient") else {"seed": run}
+                r = search(objective, method, budget=BUDGET, **settings, **seeded)
+                target["results"][label] = {
+                    "values": r.values.tolist(), "times": r.times.tolist(),
+                    "compile_seconds": r.compile_seconds}
+                print(f"{name} run {run} {label}: {r.objective:.4f} "
+                      f"(w=0: {r.values[0]:.4f})", flush=True)
+            out["targets"].append(target)
+            (out_dir / "study.json").write_text(json.dumps(out) + "\n")
+    return out
+
+
+def _relative(values: Sequence[float], start: float) -> np.ndarray:
+    """Best-so-far objective as a fraction of the objective at w = 0 (1 = no progress)."""
+    return np.minimum.accumulate(np.asarray(values)) / start
+
+
+def summarize(study: dict) -> str:
+    """The Markdown table of the module docstring."""
+    labels = [c[0] for c in CONFIGS]
+    starts = [t["results"]["cobyla (reference)"]["values"][0] for t in study["targets"]]
+    at = {m: np.array([[_relative(t["results"][lab]["values"], s)[
+        min(m, len(t["results"][lab]["values"])) - 1] for lab in labels]
+        for t, s in zip(study["targets"], starts, strict=True)]) for m in MARKS}
+    ranks = np.argsort(np.argsort(at[40], axis=1), axis=1).mean(0) + 1
+    secs = [np.mean([t["results"][lab]["times"][min(40, len(t["results"][lab]["times"])) - 1]
+                     for t in study["targets"]]) for lab in labels]
+    lines = ["| search | @40: mean (min-max) | @100 | @200 | mean rank @40 | s for 40 evals |",
+             "|---|---|---|---|---|---|"]
+    for j, lab in enumerate(labels):
+        cells = [f"{at[40][:, j].mean():.3f} ({at[40][:, j].min():.3f}-{at[40][:, j].max():.3f})",
+                 f"{at[100][:, j].mean():.3f}", f"{at[200][:, j].mean():.3f}",
+                 f"{ranks[j]:.1f}", f"{secs[j]:.2f}"]
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(study: dict, out: Path) -> None:
+    """Best-so-far relative to w = 0 against evaluations and against execution seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    starts = [t["results"]["cobyla (reference)"]["values"][0] for t in study["targets"]]
+    shown = [c[0] for c in CONFIGS if c[0] in (
+        "cmaes P8 s0.5", "cmaes P4 s0.3", "sep_cmaes P8 s0.5", "snes P4 s0.3",
+        "singles+cmaes P8 s0.5 top1", "ipop_cmaes P4 s0.5", "cobyla (reference)",
+        "gradient lr0.05")]
+    for axis, name in (("evaluations", "study_evals.png"), ("seconds", "study_seconds.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        for lab in shown:
+            curves = [_relative(t["results"][lab]["values"], s)
+                      for t, s in zip(study["targets"], starts, strict=True)]
+            if axis == "evaluations":
+                x = np.arange(1, BUDGET + 1)
+                y = np.mean([np.pad(c, (0, BUDGET - len(c)), mode="edge") for c in curves], 0)
+            else:
+                grid = np.linspace(0, max(max(t["results"][lab]["times"])
+                                          for t in study["targets"]), 100)
+                y = np.mean([np.interp(grid, t["results"][lab]["times"], c, left=1.0)
+                             for t, c in zip(study["targets"], curves, strict=True)], 0)
+                x = grid
+            ax.plot(x, y, label=lab)
+        if axis == "evaluations":
+            for m in MARKS:
+                ax.axvline(m, color="gray", lw=0.5)
+        ax.set_xlabel("evaluations" if axis == "evaluations"
+                      else "execution seconds (compilation excluded; machine under load)")
+        ax.set_ylabel("best objective / objective at w = 0")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.lorahub_search_study",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modules", required=True, help="folder of PEFT module folders")
+    parser.add_argument("--tasks", default=",".join(CPU_TASKS), help="BBH tasks, comma-separated")
+    parser.add_argument("--runs", type=int, default=2, help="module draws per task")
+    parser.add_argument("--per-run", type=int, default=8, help="modules per draw")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="experiments/results/lorahub_search_study")
+    parser.add_argument("--compilation-cache", default="~/.cache/slim_jax/xla")
+    args = parser.parse_args(argv)
+    enable_compilation_cache(args.compilation_cache)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = run_study(args.modules, args.tasks.split(","), args.runs, args.per_run,
+                      args.data_dir, out)
+    table = summarize(study)
+    (out / "study.md").write_text(table + "\n")
+    plot(study, out)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
