@@ -20,7 +20,7 @@ factors differ per candidate, the frozen base is shared, never copied.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import jax
@@ -136,14 +136,28 @@ class Objective:
         population is split over the mesh `axis` (`jax.shard_map`; P must divide evenly) and
         each device scores its share against its replica of the base.
         """
-        weights = jnp.asarray(weights, jnp.float32)
-        score = jax.vmap(lambda obj, w: obj(w), in_axes=(None, 0))
-        if mesh is None:
-            return score(self, weights)
-        spec = PartitionSpec(axis)
-        return jax.shard_map(score, mesh=mesh, in_specs=(PartitionSpec(), spec),
-                             out_specs=spec)(self, weights)
+        return vmapped_population(self, weights, mesh=mesh, axis=axis)
 
+
+
+def vmapped_population(objective: Callable[[jax.Array], jax.Array], weights: jax.Array, *,
+                       mesh: Mesh | None = None,
+                       axis: str | tuple[str, ...] = "data") -> jax.Array:
+    """`[P]` values of a pytree `objective` (`objective(w [N]) -> []`) at `weights [P, N]`, in
+    one `jax.vmap` over the candidates (the objective itself is shared, unbatched); with `mesh`,
+    the population is split over the mesh `axis` (`jax.shard_map`; P must divide evenly).
+
+    >>> from slim_jax.lorahub.toy import QuadraticObjective
+    >>> vmapped_population(QuadraticObjective.around([1.0, 0.0]), jnp.eye(2)).tolist()
+    [0.0, 2.0]
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    score = jax.vmap(lambda obj, w: obj(w), in_axes=(None, 0))
+    if mesh is None:
+        return score(objective, weights)
+    spec = PartitionSpec(axis)
+    return jax.shard_map(score, mesh=mesh, in_specs=(PartitionSpec(), spec),
+                         out_specs=spec)(objective, weights)
 
 def build_objective(
     library: AttachedLibrary,

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
+
+from slim_jax.lorahub.objective import vmapped_population
 
 
 @jax.tree_util.register_dataclass
@@ -44,12 +46,7 @@ class QuadraticObjective:
     def population(self, weights: jax.Array, *, mesh: Mesh | None = None,
                    axis: str | tuple[str, ...] = "data") -> jax.Array:
         """`[P]` objectives of `weights [P, N]` (split over `mesh` when given)."""
-        score = jax.vmap(lambda obj, w: obj(w), in_axes=(None, 0))
-        if mesh is None:
-            return score(self, weights)
-        spec = PartitionSpec(axis)
-        return jax.shard_map(score, mesh=mesh, in_specs=(PartitionSpec(), spec),
-                             out_specs=spec)(self, weights)
+        return vmapped_population(self, weights, mesh=mesh, axis=axis)
 
 
 @jax.tree_util.register_dataclass
@@ -101,9 +98,4 @@ class CompositionObjective:
     def population(self, weights: jax.Array, *, mesh: Mesh | None = None,
                    axis: str | tuple[str, ...] = "data") -> jax.Array:
         """`[P]` objectives of `weights [P, N]` (split over `mesh` when given)."""
-        score = jax.vmap(lambda obj, w: obj(w), in_axes=(None, 0))
-        if mesh is None:
-            return score(self, weights)
-        spec = PartitionSpec(axis)
-        return jax.shard_map(score, mesh=mesh, in_specs=(PartitionSpec(), spec),
-                             out_specs=spec)(self, weights)
+        return vmapped_population(self, weights, mesh=mesh, axis=axis)
