@@ -188,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_cli(args)
+        if config.compile_only:  # compile for --topology and report; no weights, no data
+            from experiments.compile_only import lorahub_compile_only
+
+            return lorahub_compile_only(config)
         run_experiment(config, shlex.join([*PROG.split(), *args]))
     except SlimJaxError as err:
         print(f"{PROG.split()[-1]}: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -506,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_cli(args)
+        if config.compile_only:  # compile for --topology and report; no weights, no data
+            from experiments.compile_only import slim_compile_only
+
+            return slim_compile_only(config)
         initialize_distributed()  # joins the job when a launcher started several processes
         results = run_experiment(config, shlex.join([*PROG.split(), *args]))
     except SlimJaxError as err:
