@@ -39,7 +39,8 @@ def settings(remat_policies: list[str]) -> list[dict[str, object]]:
 
 def row(depth: int, setting: dict[str, object], args: argparse.Namespace) -> str:
     missing = [k for k in setting if k not in FIELDS]
-    label = f"| {depth} | {'scanned' if setting['scan_layers'] else 'unrolled'} | {setting['remat']} |"
+    layout = "scanned" if setting["scan_layers"] else "unrolled"
+    label = f"| {depth} | {layout} | {setting['remat']} |"
     if missing and any(setting[k] not in (False, "none") for k in missing):
         return f"{label} - | - | LlamaConfig has no `{'`, `'.join(missing)}` field yet |"
     overrides = {k: v for k, v in setting.items() if k in FIELDS}
