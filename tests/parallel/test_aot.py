@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from flax import nnx
 
+from slim_jax.errors import ConfigError
 from slim_jax.nn import LoRAConfig, inject
 from slim_jax.parallel import MeshConfig
 from slim_jax.parallel.aot import (
@@ -87,3 +89,26 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def test_architecture_reads_a_config_json_through_epath(tmp_path):
+    # The same code reads gs://bucket/model (etils.epath); a local folder and file here.
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    assert architecture(str(tmp_path)) == SMALL
+    assert architecture(str(tmp_path / "config.json")) == SMALL
+    with pytest.raises(ConfigError, match="neither built in"):
+        architecture(str(tmp_path / "missing"))
+
+
+def test_slim_finetune_compile_only_reports_and_exits_by_fit(tmp_path, capsys):
+    from experiments.slim_finetune import main
+
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    args = ["--preset", "pod_multi", "--model.path", str(tmp_path), "--methods", "lora",
+            "--data.batch-size", "8", "--data.seq-len", "32", "--compile-only", "true"]
+    assert main([*args, "--topology", "cpu-8"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("lora train step on cpu-8 (8 x cpu")
+    assert out[-1].startswith("fits: ") and out[-1].endswith("GiB per chip")
+    assert main([*args, "--topology", "v9-1"]) == 2  # a bad name: one line, exit 2
+    assert "unknown topology 'v9-1'" in capsys.readouterr().err
