@@ -38,10 +38,10 @@ def settings(remat_policies: list[str]) -> list[dict[str, object]]:
 
 
 def row(depth: int, setting: dict[str, object], args: argparse.Namespace) -> str:
-    missing = [k for k in setting if k not in FIELDS]
+    missing = [k for k, v in setting.items() if k not in FIELDS and v not in (False, "none")]
     layout = "scanned" if setting["scan_layers"] else "unrolled"
     label = f"| {depth} | {layout} | {setting['remat']} |"
-    if missing and any(setting[k] not in (False, "none") for k in missing):
+    if missing:
         return f"{label} - | - | LlamaConfig has no `{'`, `'.join(missing)}` field yet |"
     overrides = {k: v for k, v in setting.items() if k in FIELDS}
     factory = model_factory(dict(NARROW, num_hidden_layers=depth), overrides=overrides)
