@@ -163,8 +163,10 @@ def constrain(
 
     For the places where XLA's propagation picks badly inside a step, e.g. attention scores
     `("batch", "heads", None, None)`: batch on the batch axes, heads on `tensor`. The mesh is
-    `mesh`, else the one set around the computation (`jax.set_mesh`); with neither, `x` is
-    returned as it is, so models may call this whether or not they run sharded.
+    `mesh`, else the one set around the computation (`jax.set_mesh(mesh)` around the call that
+    traces it: compile-only runs do; `compile_train_step`'s caller must, for a training run);
+    with neither, `x` is returned as it is, so models may call this whether or not they run
+    sharded.
 
     Args:
       x: the array, inside a traced function.
