@@ -63,21 +63,23 @@ def slim_compile_only(config: Any) -> int:
     topo = topology(config.topology)
     factory = _factory(config.model)
     shapes = target_shapes(nnx.eval_shape(factory), config.targets)
-    reports = []
-    for name in config.methods:
-        method = make_method(name, config.slim, shapes)
 
-        def adapted(method=method):
-            model = factory()
-            inject(model, config.targets, method.adapter, rngs=nnx.Rngs(0))
-            return model
+    def reports():  # one by one, each printed as soon as it is compiled
+        for name in config.methods:
+            method = make_method(name, config.slim, shapes)
 
-        train = dataclasses.replace(config.train,
-                                    l1_coeff=config.train.l1_coeff if method.l1 else 0.0)
-        r = compile_train_step(nnx.eval_shape(adapted), topo, train,
-                               batch_size=config.data.batch_size, seq_len=config.data.seq_len)
-        reports.append(dataclasses.replace(r, program=f"{name} train step"))
-    return report(reports)
+            def adapted(method=method):
+                model = factory()
+                inject(model, config.targets, method.adapter, rngs=nnx.Rngs(0))
+                return model
+
+            train = dataclasses.replace(config.train,
+                                        l1_coeff=config.train.l1_coeff if method.l1 else 0.0)
+            r = compile_train_step(nnx.eval_shape(adapted), topo, train,
+                                   batch_size=config.data.batch_size, seq_len=config.data.seq_len)
+            yield dataclasses.replace(r, program=f"{name} train step")
+
+    return report(reports())
 
 
 def lorahub_compile_only(config: Any) -> int:
@@ -87,10 +89,14 @@ def lorahub_compile_only(config: Any) -> int:
     factory = _factory(config.model)
     p, up = config.protocol, config.upstream
     length = p.max_length
-    reports = [compile_population(factory, topo, population=size, num_modules=p.modules_per_run,
-                                  rank=up.rank, alpha=up.alpha, targets=up.targets,
-                                  num_examples=p.k, input_len=length, target_len=min(length, 64))
-               for size in POPULATIONS]
-    reports.append(compile_generation(factory, topo, batch_size=p.generation_batch_size,
-                                      input_len=length, max_new_tokens=p.max_new_tokens))
-    return report(reports)
+
+    def reports():  # one by one, each printed as soon as it is compiled
+        for size in POPULATIONS:
+            yield compile_population(factory, topo, population=size,
+                                     num_modules=p.modules_per_run, rank=up.rank, alpha=up.alpha,
+                                     targets=up.targets, num_examples=p.k, input_len=length,
+                                     target_len=min(length, 64))
+        yield compile_generation(factory, topo, batch_size=p.generation_batch_size,
+                                 input_len=length, max_new_tokens=p.max_new_tokens)
+
+    return report(reports())

@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -180,7 +181,7 @@ class CompileReport:
     def step_s_at_peak(self) -> float | None:
         """Seconds per call if the chip ran its FLOPs at peak rate (a lower bound)."""
         peak = self.topology.peak_flops
-        return None if peak is None else self.flops / peak
+        return None if peak is None or math.isnan(self.flops) else self.flops / peak
 
     @property
     def mfu_bound(self) -> float | None:
@@ -201,7 +202,8 @@ class CompileReport:
                f"  per chip: {held}, temporaries {gib(self.temp_bytes)}; total "
                f"{gib(self.total_bytes)} of {gib(t.hbm_bytes)} "
                f"({'fits' if self.fits else 'DOES NOT FIT'})",
-               f"  {flops} {self.flops:.3e}"]
+               f"  {flops} {self.flops:.3e}" if not math.isnan(self.flops)
+               else "  not compiled: XLA found it needs more memory than the chip has"]
         if self.step_s_at_peak is not None:
             out[-1] += f"; at peak {t.peak_flops / 1e12:.0f} TFLOP/s: {self.step_s_at_peak:.3f} s"
         if self.mfu_bound is not None:
@@ -232,7 +234,19 @@ def compile_program(
     jitted = fn if hasattr(fn, "lower") else jax.jit(
         fn, in_shardings=tuple(shardings), donate_argnums=donate)
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(*args).compile()
+        lowered = jitted.lower(*args)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as err:
+            # XLA refuses a program whose working set exceeds the chip's HBM; report what it
+            # said it needs instead of the program.
+            needed = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])", str(err))
+            if "RESOURCE_EXHAUSTED" not in str(err) or needed is None:
+                raise
+            temp = int(float(needed.group(1)) * 1024 ** "KMGT".index(needed.group(2)) * 1024)
+            return CompileReport(program, topo, dict(mesh.shape), dict(kinds), temp,
+                                 temp + sum(kinds.values()), float("nan"), None,
+                                 time.perf_counter() - start)
     seconds = time.perf_counter() - start
     # XLA's cost analysis counts a loop's body once (it does not know the trip count): a
     # program with a while loop (scanned layers, gradient accumulation, decoding) does more.
@@ -302,12 +316,15 @@ def summary(reports: Sequence[CompileReport]) -> tuple[int, str]:
     return 1, f"does not fit: {named}, of {hbm:.1f} GiB per chip on {worst.topology.name}"
 
 
-def report(reports: Sequence[CompileReport], print_fn: Callable[[str], None] = print) -> int:
-    """Print every report and the summary line last; returns the exit code (0: fits)."""
+def report(reports: Iterable[CompileReport], print_fn: Callable[[str], None] = print) -> int:
+    """Print every report as it comes (`reports` may be a generator compiling them one by one)
+    and the summary line last; returns the exit code (0: fits)."""
+    done = []
     for r in reports:
         for line in r.lines():
             print_fn(line)
-    code, last = summary(reports)
+        done.append(r)
+    code, last = summary(done)
     print_fn(last)
     return code
 

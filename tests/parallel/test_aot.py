@@ -112,3 +112,23 @@ def test_slim_finetune_compile_only_reports_and_exits_by_fit(tmp_path, capsys):
     assert out[-1].startswith("fits: ") and out[-1].endswith("GiB per chip")
     assert main([*args, "--topology", "v9-1"]) == 2  # a bad name: one line, exit 2
     assert "unknown topology 'v9-1'" in capsys.readouterr().err
+
+
+def test_a_program_xla_refuses_for_memory_is_reported_as_not_fitting():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from slim_jax.parallel import make_mesh
+    from slim_jax.parallel.aot import compile_program
+
+    topo = topology("v5e-4")
+    mesh = make_mesh(MeshConfig(data=1), topo.devices[:1])
+    x = jax.ShapeDtypeStruct((2**20,), jnp.float32)
+    # A sorted [2^20, 2^12] float32 outer product: 16 GiB, twice over, in temporaries.
+    r = compile_program("big", lambda x: jnp.sort(jnp.outer(x, x[:2**12]), axis=0), (x,),
+                        (NamedSharding(mesh, PartitionSpec()),), topo, mesh, kinds={"x": 2**22})
+    assert not r.fits and r.temp_bytes > 16 * GIB and r.step_s_at_peak is None
+    assert "not compiled" in r.lines()[2]
+    code, last = summary([r])
+    assert code == 1 and last.startswith("does not fit: big needs ")
