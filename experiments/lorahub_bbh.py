@@ -192,6 +192,10 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
       SlimJaxError: bad input (unknown task, K too large, budget below one generation, modules
         that differ or are missing, an unusable `--out`), before the first task starts.
     """
+    if config.compile_only:  # compile for --topology and report; no weights, no data
+        from experiments.compile_only import lorahub_compile_only
+
+        return lorahub_compile_only(config)
     start = time.perf_counter()
     out = run_folder(config)
     config = dataclasses.replace(config, out=str(out))
@@ -263,7 +267,8 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 when done, 2 on bad input (one line on stderr), 128 + the signal's
-    number when a stop signal stopped it (one line says what is saved and how to resume)."""
+    number when a stop signal stopped it (one line says what is saved and how to resume); with
+    `--compile-only true`, 0 when the programs fit `--topology` and 1 when they do not."""
     return run_command(PROG, argv, parse_cli, run_experiment)
 
 

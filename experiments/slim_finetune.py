@@ -316,8 +316,13 @@ def _write_results(ctx: Context, runs: list[dict[str, Any]], command: str,
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line. Returns 0 when done, 2 on bad input (one line on stderr, no
     traceback), 128 + the signal's number when a stop signal stopped it (checkpoints and
-    finished runs saved; one line says how to resume)."""
+    finished runs saved; one line says how to resume); with `--compile-only true`, 0 when the
+    preset's step fits `--topology` and 1 when it does not."""
     def run(config: SlimExperiment, args: list[str], stop: StopSignals) -> int:
+        if config.compile_only:  # compile for --topology and report; no weights, no data
+            from experiments.compile_only import slim_compile_only
+
+            return slim_compile_only(config)
         initialize_distributed()  # joins the job when a launcher started several processes
         return run_experiment(config, args, stop)
 

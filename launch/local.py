@@ -42,6 +42,7 @@ def process_env(rank: int, count: int, port: int, devices: int) -> dict[str, str
         "SLIM_JAX_NUM_PROCESSES": str(count),
         "SLIM_JAX_PROCESS_ID": str(rank),
         "JAX_PLATFORMS": "cpu",
+        "SLIM_JAX_EXPECT_PLATFORM": "cpu",  # initialize_distributed checks it
         "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
     })
     return env

@@ -4,7 +4,14 @@
 #   launch/tpu_pod.sh [--setup] TPU_NAME ZONE -- python -m experiments.slim_finetune [ARGS...]
 #
 # --setup   first copy this checkout's committed files (git archive HEAD) to every worker and
-#           install it there (pip install -e .)
+#           install it there with JAX for TPU (pip install -e ".[tpu]": jax[tpu] and libtpu;
+#           a plain install would give a CPU-only jax and the job would run on the hosts' CPUs)
+#
+# Before the command, every worker checks that JAX sees TPU devices
+# (launch/check_platform.py) and stops with one line if not; the command itself runs with
+# SLIM_JAX_EXPECT_PLATFORM=tpu, which initialize_distributed() checks again.
+# Check first that the run fits the slice, on any machine, without a TPU:
+#   python -m experiments.slim_finetune --preset pod_multi --compile-only true --topology v5p-64
 #
 # Every worker runs the same command in $REPO_DIR with SLIM_JAX_DISTRIBUTED=auto, so that
 # slim_jax.parallel.initialize_distributed() lets JAX discover the slice (coordinator, process
@@ -41,10 +48,10 @@ if [[ $setup == 1 ]]; then
   git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$archive" HEAD
   run "${gcloud_tpu[@]}" scp "$archive" "$tpu:/tmp/slim_jax.tar.gz" "${where[@]}"
   run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command \
-    "mkdir -p $repo_dir && tar -xzf /tmp/slim_jax.tar.gz -C $repo_dir && cd $repo_dir && python3 -m pip install -q -e ."
+    "mkdir -p $repo_dir && tar -xzf /tmp/slim_jax.tar.gz -C $repo_dir && cd $repo_dir && python3 -m pip install -q -e '.[tpu]'"
 fi
 
-env_vars="SLIM_JAX_DISTRIBUTED=auto"
+env_vars="SLIM_JAX_DISTRIBUTED=auto SLIM_JAX_EXPECT_PLATFORM=tpu"
 [[ -n "${SLIM_JAX_DATA_DIR:-}" ]] && env_vars+=" SLIM_JAX_DATA_DIR=$(printf '%q' "$SLIM_JAX_DATA_DIR")"
-remote="cd $repo_dir && $env_vars $(printf '%q ' "$@")"
+remote="cd $repo_dir && python3 launch/check_platform.py tpu && $env_vars $(printf '%q ' "$@")"
 run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command "$remote"

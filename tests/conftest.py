@@ -7,6 +7,9 @@ import os
 # Must be set before jax initialises its backends: every test sees 8 CPU devices, so sharded code
 # is exercised on a plain CPU machine. Single-device code simply uses device 0.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With jax[tpu] installed (libtpu, for compile-only tests of TPU topologies) JAX would first try
+# to start a TPU backend: the tests run on the CPU; TPU topologies are described, never run.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest

@@ -138,6 +138,10 @@ class LoRAHubExperiment:
       data_dir: the data folder; overrides $SLIM_JAX_DATA_DIR.
       progress: show progress bars.
       compilation_cache: folder of JAX's persistent compilation cache; none turns it off.
+      compile_only: compile population scoring (P = 16, 64) and greedy generation for
+        `topology` and report memory per chip and FLOPs, then exit (0: fits); no weights
+        (experiments/compile_only.py).
+      topology: the topology to compile for (v4-32, v5e-16, v5e-256, v5p-64, v6e-16, cpu-8).
       model: the base model.
       modules: the LoRA modules.
       upstream: training of missing modules.
@@ -151,6 +155,8 @@ class LoRAHubExperiment:
     data_dir: str | None = None
     progress: bool = True
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
+    compile_only: bool = False
+    topology: str | None = None
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     modules: ModulesSpec = ModulesSpec()
     upstream: UpstreamSpec = UpstreamSpec()

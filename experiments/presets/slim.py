@@ -158,6 +158,10 @@ class SlimExperiment:
         multi-host jobs must.
       compilation_cache: folder of JAX's persistent compilation cache (seeds after the first reuse
         the compiled programs); none turns it off.
+      compile_only: compile each method's training step for `topology` and report memory per
+        chip, FLOPs and the MFU bound, then exit (0: fits); no weights, no data
+        (experiments/compile_only.py).
+      topology: the topology to compile for (v4-32, v5e-16, v5e-256, v5p-64, v6e-16, cpu-8).
       model: the base model.
       task: the downstream task.
       general: the general-capability measure.
@@ -177,6 +181,8 @@ class SlimExperiment:
     num_devices: int = 0
     workers: int = 1
     compilation_cache: str | None = "~/.cache/slim_jax/xla"
+    compile_only: bool = False
+    topology: str | None = None
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     task: TaskSpec = TaskSpec()
     general: GeneralSpec = GeneralSpec()
@@ -223,8 +229,10 @@ def _pod(names: tuple[str, ...], preset: str) -> SlimExperiment:
         eval=EvalSpec(mode="generate", max_new_tokens=32, benchmark_max_new_tokens=256,
                       max_length=1024, batch_size=64),
         data=DataSpec(batch_size=16, seq_len=1024, epochs=2.0),
+        # Yielding: the cpu study's running 0.9-quantile threshold (see CPU above); at d = 4096
+        # the spec's t = 1 lies below the max |z| of nearly every token.
         slim=SlimConfig(num_lora_experts=8, num_identity_experts=2, top_k=2, rank=16, alpha=32,
-                        num_clusters=8, dropmerge_p=0.3),
+                        num_clusters=8, dropmerge_p=0.3, yield_quantile=0.9),
         train=TrainConfig(
             steps=1000, l1_coeff=1e-3, log_every=10, save_every=100, keep_checkpoints=1,
             frozen_dtype="bfloat16", progress=True, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),

@@ -257,8 +257,9 @@ def generate(
     settings = (("max_new_tokens", max_new_tokens), ("temperature", float(temperature)),
                 ("top_p", float(top_p)), ("stop_ids", tuple(int(s) for s in stop_ids)),
                 ("pad_id", int(pad_id)))
-    out, rest = _generate_jit(graphdef, params, rest, jnp.asarray(tokens), jnp.asarray(segments),
-                              jax.random.key(0) if key is None else key, settings=settings)
+    out, rest = generation_program(graphdef, params, rest, jnp.asarray(tokens),
+                                   jnp.asarray(segments),
+                                   jax.random.key(0) if key is None else key, settings=settings)
     nnx.update(model, rest)
     new_tokens = trim_at_stop(np.asarray(out)[: len(rows)], tuple(stop_ids))
     texts = None if tokenizer is None else [tokenizer.decode(row) for row in new_tokens]
@@ -289,9 +290,9 @@ def _encode_prompts(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
-def _generate_jit(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, tokens: jax.Array,
-                  segments: jax.Array, key: jax.Array, *,
-                  settings: tuple[tuple[str, Any], ...]) -> tuple[jax.Array, nnx.State]:
+def generation_program(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
+                       tokens: jax.Array, segments: jax.Array, key: jax.Array, *,
+                       settings: tuple[tuple[str, Any], ...]) -> tuple[jax.Array, nnx.State]:
     """`prefill` the padded prompts `[b, p]`, then `decode_loop` over `decode_step`; one program
     per bucket and `settings` (the static keyword arguments of `decode_loop` as sorted pairs).
     Returns the new tokens `[b, max_new_tokens]` and the model's `rest` after the last step."""

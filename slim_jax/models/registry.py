@@ -10,7 +10,8 @@ then loads it like the others.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from flax import nnx
 
@@ -20,6 +21,7 @@ from slim_jax.models.family import LAYOUTS, family_members
 
 _FAMILIES: dict[str, type[nnx.Module]] = {}
 _BY_CONFIG: dict[type, type[nnx.Module]] = {}
+_CONFIGS: dict[str, type] = {}
 
 
 def register_family(model_types: Sequence[str], cls: type[nnx.Module],
@@ -44,6 +46,8 @@ def register_family(model_types: Sequence[str], cls: type[nnx.Module],
             raise ConfigError(f"model_type {model_type!r} is already loaded as "
                               f"{taken.__name__}; it cannot also be {cls.__name__}")
         _FAMILIES[model_type] = cls
+        if config_type is not None:
+            _CONFIGS[model_type] = config_type
     if config_type is not None:
         _BY_CONFIG[config_type] = cls
     return cls
@@ -75,6 +79,26 @@ def family_of(model_type: str | None, *, source: str | None = None) -> type[nnx.
         raise ConfigError(f"{where}model_type {model_type!r} is not implemented; slim_jax loads "
                           f"{', '.join(model_types())}")
     return _FAMILIES[model_type]
+
+
+def config_from_hf(hf_config: Mapping[str, Any], *, source: str | None = None,
+                   **overrides: Any) -> Any:
+    """The family config of a Hugging Face `config.json` dict, picked by its `model_type`
+    (`overrides`, e.g. `dtype=`, `remat=`, win); build the model with
+    `family_for_config(config)(config, rngs=...)`, or as shapes with `abstract_model(config)`.
+
+    >>> config_from_hf({"model_type": "t5", "d_model": 16, "num_layers": 1, "num_heads": 2,
+    ...                 "d_kv": 8, "d_ff": 32, "vocab_size": 32}).num_layers
+    1
+
+    Raises:
+      ConfigError: no family (or no registered config class) for that model type.
+    """
+    model_type = hf_config.get("model_type")
+    family_of(model_type, source=source)
+    if model_type not in _CONFIGS:
+        raise ConfigError(f"model_type {model_type!r} was registered without a config class")
+    return _CONFIGS[model_type].from_hf(hf_config, **overrides)
 
 
 def model_types() -> tuple[str, ...]:

@@ -8,7 +8,9 @@
 """
 
 from slim_jax.parallel.distributed import (
+    PlatformError,
     ProcessInfo,
+    check_platform,
     initialize_distributed,
     leader_time,
     process_info,
@@ -27,6 +29,7 @@ from slim_jax.parallel.sharding import (
     batch_axes,
     batch_sharding,
     check_global_batch,
+    constrain,
     create_sharded,
     global_batch,
     shard,
@@ -41,6 +44,7 @@ __all__ = [
     "BatchSizeError",
     "MeshConfig",
     "MeshError",
+    "PlatformError",
     "ProcessInfo",
     "Rules",
     "ShardingRuleError",
@@ -48,7 +52,9 @@ __all__ = [
     "batch_parallel_size",
     "batch_sharding",
     "check_global_batch",
+    "check_platform",
     "check_rules",
+    "constrain",
     "create_sharded",
     "global_batch",
     "initialize_distributed",

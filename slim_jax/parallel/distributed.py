@@ -9,6 +9,12 @@ from its arguments, then the environment, whether this process is one of several
 3. a SLURM job step with more than one task (`SLURM_NTASKS > 1`, `launch/slurm_gpu.sbatch`): JAX
    reads the SLURM variables, one process per GPU;
 4. otherwise a single process: nothing to do.
+
+Then, when the launcher said which platform the job runs on (`SLIM_JAX_EXPECT_PLATFORM`: `tpu`
+from `launch/tpu_pod.sh`, `gpu` from `launch/slurm_gpu.sbatch`, `cpu` from `launch/local.py`),
+it checks that JAX's devices are of that platform (`check_platform`): a TPU VM with a CPU-only
+jax would otherwise train on the hosts' CPUs. The launchers also run that check first, alone:
+`python launch/check_platform.py tpu` prints one line and exits 1 when it fails.
 """
 
 from __future__ import annotations
@@ -26,6 +32,39 @@ COORDINATOR_ENV = "SLIM_JAX_COORDINATOR"
 NUM_PROCESSES_ENV = "SLIM_JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "SLIM_JAX_PROCESS_ID"
 AUTO_ENV = "SLIM_JAX_DISTRIBUTED"
+EXPECT_ENV = "SLIM_JAX_EXPECT_PLATFORM"
+# How to get JAX for each platform (the pyproject extras).
+_INSTALL = {
+    "tpu": "pip install -e '.[tpu]' (jax[tpu] brings libtpu)",
+    "gpu": "pip install -e '.[cuda]' (jax[cuda12]), with an NVIDIA driver",
+    "cpu": "set JAX_PLATFORMS=cpu",
+}
+
+
+class PlatformError(ConfigError):
+    """JAX's devices are not of the platform the launcher expects."""
+
+
+def check_platform(expected: str | None = None) -> None:
+    """Raise `PlatformError` unless JAX's devices are of platform `expected` (`tpu`, `gpu`,
+    `cpu`); default `$SLIM_JAX_EXPECT_PLATFORM`, and no check when neither is set.
+
+    >>> check_platform("cpu")
+    >>> check_platform("tpu")
+    Traceback (most recent call last):
+    ...
+    slim_jax.parallel.distributed.PlatformError: expected tpu devices but JAX sees ...
+    """
+    expected = expected or os.environ.get(EXPECT_ENV) or None
+    if expected is None:
+        return
+    if expected not in _INSTALL:
+        raise PlatformError(f"{EXPECT_ENV}={expected!r}: expected one of {', '.join(_INSTALL)}")
+    device = jax.devices()[0]
+    if device.platform != expected:
+        raise PlatformError(
+            f"expected {expected} devices but JAX sees {jax.device_count()} "
+            f"{device.platform} device(s) ({device.device_kind}): {_INSTALL[expected]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +158,7 @@ def initialize_distributed(
     elif os.environ.get(AUTO_ENV, "").lower() == "auto" or (_int_env("SLURM_NTASKS") or 1) > 1:
         # Cloud TPU pods and SLURM: JAX reads coordinator, count and index from the environment.
         jax.distributed.initialize(initialization_timeout=timeout_s)
+    check_platform()
     return process_info()
 
 
@@ -140,3 +180,4 @@ def leader_time() -> int:
     # Two int32 halves: 64-bit integers would need jax_enable_x64.
     high, low = multihost_utils.broadcast_one_to_all(np.array([now >> 16, now & 0xFFFF], np.int32))
     return (int(high) << 16) | int(low)
+

@@ -7,8 +7,20 @@ names onto the mesh axes `data`, `fsdp`, `tensor`, in the style of MaxText: an o
 
 For each dimension, left to right, the first rule for its name whose mesh axes are still unused by
 this array and whose size divides the dimension is taken; if none fits, the dimension is
-replicated. A mesh axis thus splits at most one dimension of an array, and a shape that does not
-divide (a 172-wide MLP on 8 devices) degrades to replication instead of failing.
+replicated. Mesh axes of size 1 are dropped from every rule first (they split nothing), so a rule
+that names only size-1 axes is skipped and the next one for that name applies. A mesh axis thus
+splits at most one dimension of an array, and a shape that does not divide (a 172-wide MLP on 8
+devices) degrades to replication instead of failing.
+
+Then a mesh axis of size > 1 that no dimension took joins the first dimension (left to right)
+that a rule for its name allows it to split and that it still divides. With the default rules a
+base kernel `[embed, heads]` is split Megatron-style (`embed` on `fsdp`, `heads` on `tensor`),
+while an adapter factor `B: [lora_rank, heads]`, whose other dimension takes no mesh axis, gets
+`heads` split over `tensor` and `fsdp` both; on a mesh without tensor parallelism (`tensor=1`,
+the pod presets) `heads`, `kv_heads`, `mlp` and `vocab` fall back to `fsdp`. So no array is
+replicated across a mesh axis of size > 1 that its rules let split it. (`data` only splits the
+batch: parameters are replicated across it by design, and `lora_rank` has no rule, so a LoRA `A:
+[embed, r]` is replicated across `tensor`, as its Megatron input is.)
 """
 
 from __future__ import annotations
@@ -27,11 +39,16 @@ DEFAULT_RULES: Rules = (
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),
-    # frozen base: Megatron-style tensor parallelism plus FSDP over the model width
+    # frozen base: Megatron-style tensor parallelism plus FSDP over the model width; the
+    # fallbacks (see the module docstring) let adapters and tensor=1 meshes use fsdp too
     ("vocab", "tensor"),
+    ("vocab", "fsdp"),
     ("heads", "tensor"),
+    ("heads", "fsdp"),
     ("kv_heads", "tensor"),
+    ("kv_heads", "fsdp"),
     ("mlp", "tensor"),
+    ("mlp", "fsdp"),
     ("embed", "fsdp"),
     ("norm", None),
     ("rel_pos", None),
@@ -100,6 +117,11 @@ def logical_to_spec(
     P('fsdp', 'tensor')
     >>> logical_to_spec(("embed", "mlp"), (64, 171), mesh)  # 171 is odd: replicate that dimension
     P('fsdp', None)
+    >>> logical_to_spec(("lora_rank", "mlp"), (4, 64), mesh)  # an adapter B: tensor and fsdp
+    P(None, ('tensor', 'fsdp'))
+    >>> pod = AbstractMesh((1, 64, 1), ("data", "fsdp", "tensor"))  # tensor=1: fall back to fsdp
+    >>> logical_to_spec(("lora_rank", "heads"), (16, 4096), pod)
+    P(None, 'fsdp')
     """
     if len(logical_axes) != len(shape):
         raise ShardingRuleError(
@@ -107,10 +129,10 @@ def logical_to_spec(
             f"the array has shape {tuple(shape)}"
         )
     used: set[str] = set()
-    spec: list[MeshAxes] = []
+    spec: list[tuple[str, ...]] = []
     for name, size in zip(logical_axes, shape, strict=True):
         if name is None:
-            spec.append(None)
+            spec.append(())
             continue
         candidates = [_as_tuple(axes) for logical, axes in rules if logical == name]
         if not candidates:
@@ -121,9 +143,22 @@ def logical_to_spec(
             )
         chosen: tuple[str, ...] = ()
         for axes in candidates:
-            if used.isdisjoint(axes) and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)  # size-1 axes split nothing
+            ways = math.prod(mesh.shape[a] for a in axes)
+            if axes and used.isdisjoint(axes) and size % ways == 0:
                 chosen = axes
                 break
         used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
-    return PartitionSpec(*spec)
+        spec.append(chosen)
+    for axis in mesh.axis_names:  # fill: an axis no dimension took joins one its rules allow
+        if mesh.shape[axis] == 1 or axis in used:
+            continue
+        for i, (name, size) in enumerate(zip(logical_axes, shape, strict=True)):
+            allowed = any(axis in _as_tuple(axes) for logical, axes in rules if logical == name)
+            split = math.prod(mesh.shape[a] for a in spec[i]) * mesh.shape[axis]
+            if name is not None and allowed and size % split == 0:
+                spec[i] = (*spec[i], axis)
+                used.add(axis)
+                break
+    return PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes
+                           for axes in spec))

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from slim_jax.errors import ConfigError
 from slim_jax.parallel.mesh import batch_parallel_size
@@ -122,8 +122,9 @@ def shard_module(module: M, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> M:
     >>> mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
     >>> layer = nnx.Linear(16, 8, rngs=nnx.Rngs(0),
     ...                    kernel_metadata={"logical_axes": ("embed", "mlp")})
-    >>> shard_module(layer, mesh).kernel.get_value().sharding.spec
-    P('fsdp', 'tensor')
+    >>> kernel = shard_module(layer, mesh).kernel.get_value()  # d_in split over every device
+    >>> kernel.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("fsdp", None)), 2)
+    True
     """
     state = nnx.state(module)
     nnx.update(module, shard(state, tree_shardings(state, mesh, rules)))
@@ -150,6 +151,45 @@ def create_sharded(create: Callable[[], M], mesh: Mesh, rules: Rules = DEFAULT_R
     shardings = tree_shardings(abstract_state, mesh, rules)
     init = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)
     return nnx.merge(graphdef, init())
+
+
+def constrain(
+    x: jax.Array,
+    logical_axes: tuple[str | None, ...],
+    rules: Rules = DEFAULT_RULES,
+    mesh: Mesh | AbstractMesh | None = None,
+) -> jax.Array:
+    """`x` constrained to the sharding its dimensions' logical names give (an activation).
+
+    For the places where XLA's propagation picks badly inside a step, e.g. attention scores
+    `("batch", "heads", None, None)`: batch on the batch axes, heads on `tensor`. The mesh is
+    `mesh`, else the one set around the computation (`jax.set_mesh(mesh)` around the call that
+    traces it: compile-only runs do; `compile_train_step`'s caller must, for a training run);
+    with neither, `x` is returned as it is, so models may call this whether or not they run
+    sharded.
+
+    Args:
+      x: the array, inside a traced function.
+      logical_axes: one logical name (or None) per dimension of `x`.
+      rules: logical-axis rules.
+      mesh: the device mesh; default the ambient one.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from slim_jax.parallel.mesh import MeshConfig, make_mesh
+    >>> mesh = make_mesh(MeshConfig(data=-1))
+    >>> with jax.set_mesh(mesh):
+    ...     y = jax.jit(lambda x: constrain(2 * x, ("batch", "embed")))(jnp.ones((8, 4)))
+    >>> y.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("data", None)), 2)
+    True
+    >>> constrain(jnp.ones((8, 4)), ("batch", "embed")).shape  # no mesh: unchanged
+    (8, 4)
+    """
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules, where="activation")
+    target = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
+    return jax.lax.with_sharding_constraint(x, target)
 
 
 def batch_axes(rules: Rules = DEFAULT_RULES) -> MeshAxes:

@@ -23,34 +23,6 @@ import jax
 import numpy as np
 from etils import epath
 
-# Peak dense bf16 FLOP/s per device (chip), by `jax.Device.device_kind` prefix, from the vendors'
-# data sheets. Longest prefixes first so "TPU v5 lite" is not read as "TPU v5".
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("TPU v6 lite", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-    ("TPU v3", 123e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA H100", 989e12),
-    ("NVIDIA A100", 312e12),
-    ("NVIDIA L4", 121e12),
-)
-
-
-def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
-    """Peak bf16 FLOP/s of `device` (default: the first device), or None when unknown (CPU).
-
-    >>> peak_flops_per_device(jax.devices("cpu")[0]) is None
-    True
-    """
-    kind = (device or jax.devices()[0]).device_kind
-    for prefix, flops in PEAK_FLOPS:
-        if kind.startswith(prefix):
-            return flops
-    return None
-
 
 def count_params(tree: Any) -> int:
     """Number of scalar entries in the arrays of `tree`.

@@ -38,10 +38,11 @@ from slim_jax.parallel import (
     shard,
     tree_shardings,
 )
+from slim_jax.parallel.topology import peak_flops_per_device
 from slim_jax.train.config import TrainConfig
 from slim_jax.train.forward import masked_batch_logits
 from slim_jax.train.loop import TrainResult, run
-from slim_jax.train.metrics import count_params, peak_flops_per_device, training_flops_per_token
+from slim_jax.train.metrics import count_params, training_flops_per_token
 from slim_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from slim_jax.train.state import (
     Filter,

@@ -33,7 +33,7 @@ def count_compilations():
     counts = {"traces": 0, "compiles": 0}
 
     def listener(event, duration, **kwargs):
-        if event == dispatch.JAXPR_TRACE_EVENT and kwargs.get("fun_name") == "_generate_jit":
+        if event == dispatch.JAXPR_TRACE_EVENT and kwargs.get("fun_name") == "generation_program":
             counts["traces"] += 1
         if event == dispatch.BACKEND_COMPILE_EVENT:
             counts["compiles"] += 1

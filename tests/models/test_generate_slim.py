@@ -94,13 +94,14 @@ def test_llama_masks_are_redrawn_on_every_forward_pass(slim_llama):
 def test_llama_calls_differ_reseeding_repeats_and_nothing_recompiles(slim_llama):
     nnx.reseed(slim_llama, slim=7)
     first = gen.generate(slim_llama, PROMPTS, max_new_tokens=NEW, stop_ids=())
-    size = gen._generate_jit._cache_size()
+    size = gen.generation_program._cache_size()
     second = gen.generate(slim_llama, PROMPTS, max_new_tokens=NEW, stop_ids=())
     assert second.tokens != first.tokens  # the streams moved on: other masks, other text
     nnx.reseed(slim_llama, slim=7)
     again = gen.generate(slim_llama, PROMPTS, max_new_tokens=NEW, stop_ids=())
     assert again.tokens == first.tokens
-    assert gen._generate_jit._cache_size() == size  # the stream state is an input, not a constant
+    # the stream state is an input, not a constant
+    assert gen.generation_program._cache_size() == size
 
 
 def test_llama_without_dropmerge_is_deterministic_and_keeps_its_streams():
@@ -136,9 +137,9 @@ def test_t5_masks_are_redrawn_per_pass_and_reseeding_repeats(slim_t5):
         "decoder/block/0/layer/1/EncDecAttention/k": 1,
         "decoder/block/0/layer/2/DenseReluDense/wo": NEW,
     }
-    size = gen._generate_jit._cache_size()
+    size = gen.generation_program._cache_size()
     second = gen.generate(slim_t5, rows, max_new_tokens=NEW, stop_ids=())
     nnx.reseed(slim_t5, slim=3)
     again = gen.generate(slim_t5, rows, max_new_tokens=NEW, stop_ids=())
     assert again.tokens == first.tokens != second.tokens
-    assert gen._generate_jit._cache_size() == size
+    assert gen.generation_program._cache_size() == size

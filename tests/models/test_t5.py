@@ -197,9 +197,9 @@ def test_generation_compiles_once_per_bucket(tiny):
     _, model, _ = tiny
     rows = _ragged_inputs()
     gen.generate(model, rows, max_new_tokens=6)
-    size = gen._generate_jit._cache_size()
+    size = gen.generation_program._cache_size()
     gen.generate(model, [row[::-1] for row in rows[1:]] + [[3, 1]], max_new_tokens=6)
-    assert gen._generate_jit._cache_size() == size
+    assert gen.generation_program._cache_size() == size
 
 
 def test_sampling_with_a_tiny_nucleus_is_greedy(tiny):

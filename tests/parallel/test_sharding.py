@@ -44,8 +44,9 @@ def test_model_and_adam_state_follow_the_logical_axes():
         "embed_tokens": (model.embed_tokens.embedding, P("tensor", "fsdp")),
         "q_proj.kernel": (layer.self_attn.q_proj.kernel, P("fsdp", "tensor")),
         "q_proj.lora_a": (layer.self_attn.q_proj.lora_a, P("fsdp", None)),
-        "q_proj.lora_b": (layer.self_attn.q_proj.lora_b, P(None, "tensor")),
-        "down_proj.lora_a": (layer.mlp.down_proj.lora_a, P("tensor", None)),
+        # adapter factors: their rank takes no axis, so d_out / d_in take tensor and fsdp both
+        "q_proj.lora_b": (layer.self_attn.q_proj.lora_b, P(None, ("tensor", "fsdp"))),
+        "down_proj.lora_a": (layer.mlp.down_proj.lora_a, P(("tensor", "fsdp"), None)),
         "norm": (layer.input_layernorm.scale, P(None)),
     }
     for name, (var, spec) in specs.items():

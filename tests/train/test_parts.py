@@ -15,6 +15,7 @@ from flax import nnx
 from slim_jax.errors import ConfigError
 from slim_jax.models.t5 import T5, T5Config
 from slim_jax.nn import SlimConfig, inject
+from slim_jax.parallel.topology import peak_flops_per_device
 from slim_jax.train import (
     OptimizerConfig,
     PreemptionGuard,
@@ -24,7 +25,7 @@ from slim_jax.train import (
     target_cross_entropy,
 )
 from slim_jax.train.forward import token_mask_groups
-from slim_jax.train.metrics import mfu, peak_flops_per_device, training_flops_per_token
+from slim_jax.train.metrics import mfu, training_flops_per_token
 from slim_jax.train.state import resolve_frozen_dtype
 
 
