@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.base_model import load_base
 from experiments.presets.lorahub import CPU_TASKS, ModelSpec
-from experiments.train_lora_modules import load_model
 from slim_jax.data import load_bbh
 from slim_jax.lorahub import (
     ModuleLibrary,
@@ -67,7 +67,9 @@ def run_study(modules_dir: str, tasks: Sequence[str], runs: int, per_run: int,
               data_dir: str | None, out_dir: Path) -> dict:
     """Every configuration on every (task, draw): values and times per evaluation (study.json
     rewritten after each target, so a long study can be read part way)."""
-    model, tokenizer, _ = load_model(ModelSpec(), data_dir)
+    spec = ModelSpec()
+    model, tokenizer, _ = load_base(spec.path, data_dir, dtype=spec.dtype,
+                                    param_dtype=spec.param_dtype)
     root = Path(modules_dir)
     names = sorted(p.parent.name for p in root.glob("*/adapter_config.json"))
     modules = {n: load_module(root / n, model, name=n) for n in names}
