@@ -181,7 +181,9 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
     run_state.write_atomic(out / "results.json", results_json(
         results, command=command, seconds=seconds, config=dataclasses.asdict(config)) + "\n")
     if any(run.histories for r in results for run in r.runs):
-        plot_search_progress(results, out / "search_progress.png")
+        plot_search_progress(results, out / "search_progress.png",
+                             title=f"preset {config.preset}: {p.runs} runs of "
+                                   f"{p.modules_per_run} modules, K={p.k}")
 
 
 def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSignals) -> int:

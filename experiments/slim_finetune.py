@@ -308,8 +308,10 @@ def _write_results(ctx: Context, runs: list[dict[str, Any]], command: str,
     by_method: dict[str, list[str]] = {}
     for r in runs:
         by_method.setdefault(r["method"], []).append(str(Path(r["checkpoint"]).parent))
-    plot_losses(by_method, ctx.out / "loss_curves.png")
-    plot_tradeoff(summary, ctx.base, ctx.out / "tradeoff.png", headline=cap.headline)
+    title = (f"task {ctx.task.name}, preset {config.preset}, "
+             f"{len(config.seeds)} seed{'s' * (len(config.seeds) != 1)}")
+    plot_losses(by_method, ctx.out / "loss_curves.png", title=title)
+    plot_tradeoff(summary, ctx.base, ctx.out / "tradeoff.png", headline=cap.headline, title=title)
     return results
 
 

@@ -92,13 +92,19 @@ def _pyplot():
     return plt
 
 
+# Distinct line styles and markers, so that no method hides under another (e.g. `slim` under an
+# ablation that learns the same curve).
+STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P"))
+
+
 def plot_losses(run_dirs: Mapping[str, Sequence[str | os.PathLike[str]]],
-                out: str | os.PathLike[str]) -> Path:
+                out: str | os.PathLike[str], *, title: str | None = None) -> Path:
     """Training loss against step, one line per method (mean over seeds, band = min..max).
 
     Args:
       run_dirs: method -> its runs' folders (each with the trainer's `metrics.jsonl`).
       out: the PNG to write.
+      title: what the run was (task, preset, seeds); shown above the plot.
     """
     import numpy as np
 
@@ -115,12 +121,17 @@ def plot_losses(run_dirs: Mapping[str, Sequence[str | os.PathLike[str]]],
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         values = np.array([[c[s] for s in steps] for c in curves])
-        line, = ax.plot(steps, values.mean(0), label=method)
+        style, marker = STYLES[len(ax.get_lines()) % len(STYLES)]
+        label = (method if len(curves) == 1
+                 else f"{method} (mean; band: min-max of {len(curves)} seeds)")
+        line, = ax.plot(steps, values.mean(0), ls=style, marker=marker,
+                        markevery=max(1, len(steps) // 8), ms=4, label=label)
         if len(curves) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(),
                             alpha=0.15)
+    ax.set_title(title or "training loss per method", fontsize=10)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -131,18 +142,21 @@ def plot_losses(run_dirs: Mapping[str, Sequence[str | os.PathLike[str]]],
 
 
 def plot_tradeoff(summary: Sequence[Record], base: Record, out: str | os.PathLike[str], *,
-                  headline: str) -> Path:
+                  headline: str, title: str | None = None) -> Path:
     """Downstream accuracy against forgetting, one point per method (error bars: std over
-    seeds); the base model sits at zero forgetting. Up and to the left is better."""
+    seeds); the base model sits at zero forgetting. Up and to the left is better; `title` says
+    what the run was (task, preset, seeds)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
     ax.scatter([0.0], [100 * base["downstream"]], marker="x", color="black", label="base model")
-    for row in summary:
+    for i, row in enumerate(summary):
         (f_mean, f_std), (d_mean, d_std) = row["forgetting"], row["downstream"]
-        ax.errorbar([f_mean], [100 * d_mean], xerr=[f_std], yerr=[100 * d_std], fmt="o",
-                    capsize=3, label=row["method"])
+        ax.errorbar([f_mean], [100 * d_mean], xerr=[f_std], yerr=[100 * d_std],
+                    fmt=STYLES[i % len(STYLES)][1], capsize=3,
+                    label=f"{row['method']} (mean ± std over seeds)")
     ax.axvline(0.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel(f"forgetting (drop of {headline} from the base model)")
+    ax.set_title(f"{title + chr(10) if title else ''}up and to the left is better", fontsize=10)
+    ax.set_xlabel(f"forgetting (drop of {headline} from the base model; lower is better)")
     ax.set_ylabel("downstream accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -90,9 +90,11 @@ def results_json(results: Sequence[TaskResult], **extra: Any) -> str:
     return json.dumps(payload, indent=2)
 
 
-def plot_search_progress(results: Sequence[TaskResult], path: str | os.PathLike[str]) -> Path:
+def plot_search_progress(results: Sequence[TaskResult], path: str | os.PathLike[str], *,
+                         title: str | None = None) -> Path:
     """Best objective so far against evaluations, per task, for every search method: the mean
-    over runs as a line, the range over runs shaded (equal budgets share the x axis)."""
+    over runs as a line, the range over runs shaded (equal budgets share the x axis); `title`
+    (e.g. the preset and the number of runs) goes above the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,15 +113,20 @@ def plot_search_progress(results: Sequence[TaskResult], path: str | os.PathLike[
             length = min(len(c) for c in curves)
             stack = np.array([c[:length] for c in curves])
             x = np.arange(1, length + 1)
-            line, = ax.plot(x, stack.mean(0), label=_TITLES.get(method, method))
+            style = ("-", "--", "-.", ":")[methods.index(method) % 4]
+            line, = ax.plot(x, stack.mean(0), ls=style,
+                            label=f"{_TITLES.get(method, method)} (mean; band: min-max of "
+                                  f"{len(curves)} runs)")
             ax.fill_between(x, stack.min(0), stack.max(0), color=line.get_color(), alpha=0.2)
         ax.set_title(result.task, fontsize=9)
         ax.set_xlabel("evaluations")
-        ax.set_ylabel("best objective")
+        ax.set_ylabel("best objective (lower is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(results):]:
         ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
