@@ -180,7 +180,8 @@ def load_safetensors(
         else:
             raise CheckpointError(f"{path} holds several pickle files ({', '.join(pickles)}) and "
                                   f"no {PICKLE_INDEX}: pass the one file to load")
-    check_finite(arrays, str(path))  # NaN/Inf weights are refused at load, naming the tensor
+    # NaN/Inf weights are refused at load, naming the tensor (lazy ones as their blocks are read)
+    check_finite({k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}, str(path))
     if cast is None:
         return arrays
     return {k: v.astype(cast) if jnp.issubdtype(v.dtype, jnp.floating) else v
@@ -334,6 +335,12 @@ def _place(value: Any, var: nnx.Variable, mesh: Mesh, rules: Rules, name: str) -
     spec = (PartitionSpec() if axes is None
             else logical_to_spec(axes, var.shape, mesh, rules, where=name))
     dtype = var.dtype
-    return jax.make_array_from_callback(
-        tuple(var.shape), NamedSharding(mesh, spec),
-        lambda index: np.asarray(value[index]).astype(dtype, copy=False))
+
+    def block(index: Any) -> np.ndarray:
+        data = np.asarray(value[index])
+        if np.issubdtype(data.dtype, np.inexact) and not np.isfinite(data).all():
+            raise CheckpointError(f"{name}: the checkpoint holds NaN or infinite values; refusing "
+                                  "to load it")
+        return data.astype(dtype, copy=False)
+
+    return jax.make_array_from_callback(tuple(var.shape), NamedSharding(mesh, spec), block)

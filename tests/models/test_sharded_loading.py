@@ -94,3 +94,19 @@ def test_t5_loads_onto_the_mesh_with_the_same_logits(tmp_path, mesh):
     enc, dec = jnp.array([[4, 5, 6, 1]]), jnp.array([[0, 7, 8]])
     np.testing.assert_allclose(np.asarray(sharded(enc, dec)), np.asarray(plain(enc, dec)),
                                atol=1e-5)
+
+
+def test_a_nan_weight_is_refused_on_the_mesh_naming_the_tensor(tmp_path, mesh):
+    from slim_jax.errors import CheckpointError
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                         num_heads=4, num_kv_heads=2, eos_ids=(2,))
+    model = Llama(config, rngs=nnx.Rngs(3))
+    kernel = model.layers[0].self_attn.q_proj.kernel
+    kernel[...] = kernel[...].at[5, 7].set(jnp.nan)
+    _save(model, tmp_path, {
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "eos_token_id": 2}, path_to_hf_name)
+    with pytest.raises(CheckpointError, match=r"q_proj.*NaN or infinite"):
+        Llama.from_pretrained(str(tmp_path), mesh=mesh)
