@@ -140,7 +140,7 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
     result: TrainResult = trainer.fit(batches)
     train_seconds = time.perf_counter() - start
     if result.stopped == "preempted" or stop.requested:
-        stop.request("SIGTERM")
+        stop.request(result.signal or "SIGTERM")  # the trainer's guard heard the signal first
         return {"stopped": f"{method_name} seed {seed} at step {result.checkpoint_step} "
                            f"({folder / 'checkpoints'})"}
     start = time.perf_counter()
