@@ -42,18 +42,19 @@ import harness  # benchmarks/harness.py, beside this file
 
 # (category, file pattern, line pattern): the first rule matching a frame (innermost first) wins.
 CATEGORIES: tuple[tuple[str, str, str], ...] = (
+    # the model code lives in models/llama.py and the shared models/layers.py
     ("LoRA", r"nn/(lora|lora_linear|slim_linear)\.py", r""),
     ("softmax", r"", r"softmax"),
     ("mask apply", r"", r"where\(mask"),
-    ("attention einsum", r"models/llama\.py", r"einsum"),
-    ("RoPE", r"models/llama\.py", r"rope|angles|cos|sin"),
-    ("mask construction", r"models/llama\.py", r"mask =|key_slots|query_slots|segment"),
-    ("norms", r"models/llama\.py", r"rsqrt|normed|norm\("),
-    ("MLP activation", r"models/llama\.py", r"silu"),
+    ("attention einsum", r"models/(llama|layers)\.py", r"einsum"),
+    ("RoPE", r"models/(llama|layers)\.py", r"rope|angles|cos|sin"),
+    ("mask construction", r"models/(llama|layers)\.py", r"mask =|key_slots|query_slots|segment"),
+    ("norms", r"models/(llama|layers)\.py", r"rsqrt|normed|norm\("),
+    ("MLP activation", r"models/(llama|layers)\.py", r"silu"),
     ("head + loss", r"", r"cross_entropy|log_softmax|lm_head|attend\(|logits"),
     ("embedding", r"", r"embed"),
     ("linear", r"flax/nnx/nn/linear\.py", r""),
-    ("linear", r"models/llama\.py", r"_proj\("),
+    ("linear", r"models/(llama|layers)\.py", r"_proj\("),
 )
 
 
