@@ -4,7 +4,8 @@ Files, one job each: `config` (dataclasses), `optimizer` (AdamW, warm-up + cosin
 `loss` (target cross-entropy), `forward` (logits with SLIM token masks), `state` (TrainState,
 splitting the model), `step` (one update under `jax.jit`), `trainer` (the `Trainer`: sharded
 state, step, save/restore), `loop` (the fit loop), `metrics` (MFU, JSONL), `progress` (bar),
-`plot` (loss curve), `evaluation` (measuring along training), `preemption` (stop signals: SIGTERM, SIGINT, SLURM's SIGUSR1).
+`plot` (loss curve), `evaluation` (measuring along training), `preemption` (stop signals:
+SIGTERM, SIGINT, SLURM's SIGUSR1).
 """
 
 from slim_jax.train.config import OptimizerConfig, TrainConfig

@@ -14,7 +14,13 @@ import pytest
 from slim_jax.checkpoint import Checkpointer
 from slim_jax.errors import ConfigError
 from slim_jax.nn import inference_view
-from slim_jax.train import Periodic, Trainer, masked_batch_logits, read_metrics, target_cross_entropy
+from slim_jax.train import (
+    Periodic,
+    Trainer,
+    masked_batch_logits,
+    read_metrics,
+    target_cross_entropy,
+)
 
 STEPS, EVERY = 5, 2
 
