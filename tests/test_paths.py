@@ -8,10 +8,11 @@ import json
 import pathlib
 
 import fsspec
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 from etils.epath import backend
+from flax import nnx
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import _registry as fsspec_registry
 
@@ -22,7 +23,9 @@ from slim_jax.data.sets import load_commonsense, load_gsm8k
 from slim_jax.errors import CheckpointError, DataError
 from slim_jax.hub import resolve_model_dir
 from slim_jax.models.adapter_io import find_adapter
+from slim_jax.models.llama import Llama
 from slim_jax.models.loading import load_model
+from slim_jax.parallel import MeshConfig, make_mesh
 from slim_jax.paths import RemotePathError, as_path, local_copy
 from slim_jax.settings import DATA_DIR_ENV, data_dir, locate
 
@@ -77,6 +80,14 @@ def remote_data(gcs, shared_data):
     return f"{BUCKET}/data"
 
 
+def _assert_same_weights(model, local_model) -> None:
+    """Same config and bit-equal parameters (so equal logits)."""
+    assert model.config == local_model.config
+    remote, local = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (model, local_model))
+    jax.tree.map(np.testing.assert_array_equal, remote, local)
+    assert len(jax.tree.leaves(remote)) >= 9
+
+
 def test_urls_stay_whole_through_every_function_that_joins_paths(gcs, monkeypatch):
     gcs.pipe(f"{BUCKET}/m/config.json", b"{}")
     folded = pathlib.Path(f"{BUCKET}/m")  # what pathlib makes of a URL: gs:/bucket/m
@@ -121,9 +132,9 @@ def test_llama2c_model_from_a_remote_data_folder(remote_data, shared_data, monke
     assert where == f"{remote_data}/tinystories260k/checkpoint_v1.bin"
     model, tokenizer = load_model(where)
     local_model, local_tokenizer = load_model(shared_data / "tinystories260k/checkpoint_v1.bin")
-    tokens = jnp.asarray([local_tokenizer.encode("Once upon a time", add_bos=True)])
-    assert tokenizer.encode("Once upon a time", add_bos=True) == tokens[0].tolist()
-    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(local_model(tokens)))
+    text = "Once upon a time"
+    assert tokenizer.encode(text, add_bos=True) == local_tokenizer.encode(text, add_bos=True)
+    _assert_same_weights(model, local_model)
 
 
 def test_data_sets_from_a_remote_data_folder(remote_data, shared_data):
@@ -184,9 +195,15 @@ def test_hf_model_tokenizer_and_adapter_from_gcs(gcs, hf_dir, tmp_path):
     _upload(gcs, hf_dir, f"{BUCKET}/llama")
     model, tokenizer = load_model(f"{BUCKET}/llama")
     local_model, local_tokenizer = load_model(hf_dir)
-    tokens = jnp.asarray([local_tokenizer.encode("once upon a time")])
-    assert tokenizer.encode("once upon a time") == tokens[0].tolist()
-    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(local_model(tokens)))
+    assert tokenizer.encode("once upon a time") == local_tokenizer.encode("once upon a time")
+    _assert_same_weights(model, local_model)
+
+    # Mesh-aware loading reads its slices from the local copy: each device holds its shard.
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
+    sharded = Llama.from_pretrained(f"{BUCKET}/llama", mesh=mesh)
+    kernel = sharded.layers[0].mlp.up_proj.kernel.get_value()  # [16, 32]: embed on fsdp (8)
+    assert {s.data.shape for s in kernel.addressable_shards} == {(2, 32)}
+    _assert_same_weights(sharded, local_model)
 
     # The copy is reused: a second load fetches nothing (the cache's files are not rewritten).
     cached = paths.cache_dir() / "gs" / "bucket" / "llama"
