@@ -70,7 +70,7 @@ def locate(path: str, override: str | os.PathLike[str] | None = None) -> str:
 
     Raises:
       DataError: `override` is given but is not a folder (a wrong `--data-dir` is reported,
-        never silently ignored).
+        never silently ignored); a URL that cannot be read (`RemotePathError`).
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
@@ -79,7 +79,9 @@ def locate(path: str, override: str | os.PathLike[str] | None = None) -> str:
     (True, 'org/hub-id')
     """
     if is_remote(path):
-        return str(as_path(path))
+        remote = as_path(path)
+        probe(remote)  # a URL that cannot be read (no gcsfs, no access) is named here, in a line
+        return str(remote)
     given = Path(path).expanduser()
     if given.exists() or given.is_absolute():
         return str(given) if given.exists() else path

@@ -119,6 +119,7 @@ def test_missing_remote_files_are_one_line_naming_the_url(gcs):
         (lambda: as_path("ftp://host/x"), RemotePathError, "URL scheme ftp:// is not supported"),
         # no s3fs installed: the package to install is named
         (lambda: load_model("s3://bucket/m"), RemotePathError, "needs the package s3fs"),
+        (lambda: locate("s3://bucket/m"), RemotePathError, "needs the package s3fs"),
     ]
     for call, error, text in cases:
         with pytest.raises(error) as info:
