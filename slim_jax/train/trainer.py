@@ -71,7 +71,9 @@ class Trainer:
     The model is split into trained adapters, the frozen base (cast to `config.frozen_dtype`) and
     mutable state (cluster statistics, RNG streams); all three and the optimiser state are placed
     on the mesh by their logical axes, and one jitted step (explicit in/out shardings, donated
-    state) updates them. The given model is left as it was; `trainer.model()` is the trained one.
+    state; traced and run under `jax.set_mesh(mesh)`, so the model's activation constraints,
+    `slim_jax.parallel.constrain`, take effect) updates them. The given model is left as it
+    was; `trainer.model()` is the trained one.
     For a base larger than one device, build the model with `slim_jax.parallel.create_sharded`
     (or on the host) so that no device ever holds it whole.
 
