@@ -298,16 +298,19 @@ class CurvePoint:
         task, n = ctx.task, ev.curve_examples
         if n is not None and n < len(task.test):
             task = dataclasses.replace(task, test=task.test[:n], choices=task.choices[:n])
+        # The same calls in the same order as a run's final evaluation: SLIM's dynamic merging
+        # draws its masks from the model's RNG stream call by call, so a point on all examples
+        # equals the final evaluation of that step.
         view = inference_view(model)
-        downstream = downstream_accuracy(
-            view, ctx.tokenizer, task, mode=ev.mode, max_new_tokens=ev.max_new_tokens,
-            max_length=ev.max_length, batch_size=ev.batch_size,
-            length_normalized=ev.length_normalized)
+        downstream, by_likelihood = evaluate_downstream(ctx.config, ctx.tokenizer, task, view)
         general = ctx.capability.measure(view)
         headline = ctx.capability.headline
         drops = forgetting_by_measure(ctx.capability, ctx.base["general"], general)
-        return {"downstream": downstream.accuracy, "general_score": general[headline],
-                "forgetting": drops[headline], "examples": len(task.test)}
+        point = {"downstream": downstream.accuracy, "general_score": general[headline],
+                 "forgetting": drops[headline], "examples": len(task.test)}
+        if by_likelihood is not None:
+            point["downstream_likelihood"] = by_likelihood
+        return point
 
 
 def curve_evaluation(ctx: Context) -> Periodic | None:
