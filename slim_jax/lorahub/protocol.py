@@ -126,28 +126,32 @@ class ProtocolConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in SEARCHES]
-        if unknown:
-            raise ConfigError(f"unknown search method(s) {unknown}; choose from {sorted(SEARCHES)}")
+        for name, methods in (("search", (self.search,)), ("compare", self.compare)):
+            unknown = [m for m in methods if m not in SEARCHES]
+            if unknown:
+                raise ConfigError(f"names unknown search method(s) {unknown}; choose from "
+                                  f"{sorted(SEARCHES)}", field=name)
         bad = [b for b in self.baselines if b not in (*BASELINES, *RUN_BASELINES)]
         if bad:
-            raise ConfigError(f"unknown baseline(s) {bad}; choose from "
-                              f"{[*BASELINES, *RUN_BASELINES]}")
+            raise ConfigError(f"names unknown baseline(s) {bad}; choose from "
+                              f"{[*BASELINES, *RUN_BASELINES]}", field="baselines")
         if self.objective_mode not in LOSS_MODES:
-            raise ConfigError(f"objective_mode must be one of {LOSS_MODES}, got "
-                              f"{self.objective_mode!r}")
-        if self.k < 1:
-            raise ConfigError(f"k (ADAPT examples) must be >= 1, got {self.k}")
+            raise ConfigError(f"must be one of {LOSS_MODES}, got {self.objective_mode!r}",
+                              field="objective_mode")
+        for name in ("k", "budget", "runs", "modules_per_run"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
         for method in self.methods:  # a budget below a start's cost: named before any work
             if SEARCHES[method].start is not None:
-                check_budget(self.budget, self.modules_per_run, self.population_size,
-                             SEARCHES[method].start)
-        if self.budget < 1 or self.runs < 1 or self.modules_per_run < 1:
-            raise ConfigError("budget, runs and modules_per_run must be >= 1, got "
-                              f"{self.budget}, {self.runs}, {self.modules_per_run}")
+                try:
+                    check_budget(self.budget, self.modules_per_run, self.population_size,
+                                 SEARCHES[method].start)
+                except ConfigError as err:
+                    raise ConfigError(f"is too small for {method!r}: {err}",
+                                      field="budget") from err
         if self.max_test_examples is not None and self.max_test_examples < 1:
-            raise ConfigError(f"max_test_examples must be >= 1 or None, got "
-                              f"{self.max_test_examples}")
+            raise ConfigError(f"must be >= 1 or None, got {self.max_test_examples}",
+                              field="max_test_examples")
 
     @property
     def methods(self) -> tuple[str, ...]:
