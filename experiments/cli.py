@@ -257,15 +257,22 @@ def rejected_message(rejected: _Rejected, defaults: Any) -> str:
 
 
 def _one_line(text: str) -> str:
-    """The message of tyro's boxed error, on one line."""
+    """The message of tyro's boxed error, on one line (UTF-8 box or, when stdout is not UTF-8,
+    its ASCII form: a title row, a rule of dashes, the message, a rule, the help footer)."""
+    rows = [row for row in (line.strip().strip("│").strip() for line in text.splitlines()) if row]
+
+    def rule(row: str) -> bool:
+        return set(row) <= set("─-")
+
+    if rows and rows[0].startswith("╭"):
+        rows = rows[1:]
+    elif len(rows) > 1 and rule(rows[1]):
+        rows = rows[2:]
     lines = []
-    for line in text.splitlines():
-        inner = line.strip().strip("│╭╮╰╯─").strip()
-        if line.strip().startswith(("╭", "╰")):
-            continue
-        if set(line.strip("│ ")) <= set("─"):
+    for row in rows:
+        if rule(row) or row.startswith("╰"):
             break
-        lines.append(inner)
+        lines.append(row)
     message = " ".join(lines).strip()
     message = re.sub(r"^Error parsing [\w.-]+: (--)", r"\1", message)  # the flag is named
     return re.sub(r"^Error parsing ([\w.-]+): ", r"\1: ", message) or "invalid arguments"
