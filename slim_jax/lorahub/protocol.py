@@ -138,7 +138,8 @@ class ProtocolConfig:
         if self.objective_mode not in LOSS_MODES:
             raise ConfigError(f"must be one of {LOSS_MODES}, got {self.objective_mode!r}",
                               field="objective_mode")
-        for name in ("k", "budget", "runs", "modules_per_run"):
+        for name in ("k", "budget", "runs", "modules_per_run", "max_length", "max_new_tokens",
+                     "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
         for method in self.methods:  # a budget below a start's cost: named before any work
@@ -149,6 +150,9 @@ class ProtocolConfig:
                 except ConfigError as err:
                     raise ConfigError(f"is too small for {method!r}: {err}",
                                       field="budget") from err
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"must be >= 1 or None (all K), got {self.batch_size}",
+                              field="batch_size")
         if self.max_test_examples is not None and self.max_test_examples < 1:
             raise ConfigError(f"must be >= 1 or None, got {self.max_test_examples}",
                               field="max_test_examples")
