@@ -233,8 +233,15 @@ def run_bbh_task(
     config: ProtocolConfig = ProtocolConfig(),
     *,
     progress: Progress | None = None,
+    done: TaskResult | None = None,
+    save: Callable[[TaskResult], None] | None = None,
 ) -> TaskResult:
     """LoRAHub on one BBH task: baselines, then every draw's baselines and searches.
+
+    Resumable by units of task x run: `save` gets the result so far after the task's baselines
+    and after each run; given back as `done`, those parts are kept and not redone (each run's
+    searches are seeded by its index, so the rest, and the whole result, equal an uninterrupted
+    call's).
 
     Args:
       task: from `slim_jax.data.load_bbh`.
@@ -244,11 +251,15 @@ def run_bbh_task(
       modules: every module a draw names, by name.
       draws: the module names of each run (`module_draws`).
       config: the protocol's settings.
-      progress: called with a short label after each step (a progress bar's update).
+      progress: called with a short label after each step (a progress bar's update); also for
+        the steps `done` already holds.
+      done: the last result `save` got from an interrupted call on this task with the same
+        draws and config: its baselines and finished runs are kept.
+      save: called with the result so far (the runs finished) after each unit.
 
     Raises:
       ConfigError: K larger than the task's examples (naming the task), a draw naming a module
-        not in `modules`.
+        not in `modules`, `done` of another task or other draws.
       LibraryError: modules that cannot be composed (naming the odd one).
     """
     note = progress or (lambda label: None)
@@ -262,16 +273,23 @@ def run_bbh_task(
     answer = _answerer(tokenizer, config, targets)
     zero_shot_prompts = [task.prompt(e.input) for e in test]
 
-    baselines: dict[str, float] = {}
+    if done is not None and done.task != task.name:
+        raise ConfigError(f"done holds task {done.task!r}, not {task.name!r}")
+    baselines: dict[str, float] = dict(done.baselines) if done is not None else {}
     shown: list[dict[str, str]] = [{"prompt": p, "target": t}
                                    for p, t in zip(zero_shot_prompts[:SHOWN], targets[:SHOWN],
                                                    strict=False)]
-    if "zero_shot" in config.baselines:
+    if done is not None:  # the baselines are its first unit
+        shown = done.examples
+        for label, key in (("zero-shot", "zero_shot"), ("in-context", "icl")):
+            if key in config.baselines:
+                note(label)
+    if done is None and "zero_shot" in config.baselines:
         baselines["zero_shot"], said = answer(model, zero_shot_prompts)
         for record, text in zip(shown, said, strict=False):
             record["zero_shot"] = text
         note("zero-shot")
-    if "icl" in config.baselines:
+    if done is None and "icl" in config.baselines:
         baselines["icl"], said = answer(model, [task.icl_prompt(adapt, e.input) for e in test])
         for record, text in zip(shown, said, strict=False):
             record["icl"] = text
@@ -279,8 +297,16 @@ def run_bbh_task(
 
     layout = objective_layout(model, tokenizer, config.max_length)
     examples = task.as_examples(adapt)
-    runs = []
+    runs = list(done.runs) if done is not None else []
+    if save is not None and done is None:
+        save(TaskResult(task.name, len(adapt), len(test), baselines, [], shown))
     for run, names in enumerate(draws, start=1):
+        if run <= len(runs):  # finished before: kept
+            if runs[run - 1].modules != list(names):
+                raise ConfigError(f"done's run {run} composes other modules than its draw")
+            for name in runs[run - 1].scores:
+                note(f"run {run} {name}")
+            continue
         missing = [n for n in names if n not in modules]
         if missing:
             raise ConfigError(f"run {run} draws modules that were not loaded: {missing[:5]}")
@@ -294,6 +320,8 @@ def run_bbh_task(
             result.answers[name] = said[:SHOWN]
             note(f"run {run} {name}")
         runs.append(result)
+        if save is not None:
+            save(TaskResult(task.name, len(adapt), len(test), baselines, list(runs), shown))
     return TaskResult(task.name, len(adapt), len(test), baselines, runs, shown)
 
 
