@@ -308,6 +308,17 @@ def test_generation_beyond_the_positions_warns_for_rope_and_fails_otherwise(shar
                    "positions exceed the model's 512 (max_position_embeddings); its rotary "
                    "positions extrapolate, but text beyond 512 tokens is usually poor\n")
 
+    # A 1,200-word prompt alone is beyond the 512 positions: the same warning, naming its length
+    # (the warning comes before generation, which is replaced here: a 2048-token prefill is slow).
+    import slim_jax.models.generate as library
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(library, "generate", lambda *a, **k: type("G", (), {"texts": ["ok"]}))
+        code, out, err = _cli(capsys, shared_data / STORY, "--prompt", " ".join(["Tom"] * 1200),
+                              "--max-new-tokens", "1")
+    assert code == 0 and out == "ok\n" and err.startswith(f"{PROG}: warning: the prompt (")
+    assert "exceed the model's 512 (max_position_embeddings)" in err and err.count("\n") == 1
+
     class Learned:  # a model with learned absolute positions: nothing beyond them
         config = type("Config", (), {"max_position_embeddings": 512})()
 
