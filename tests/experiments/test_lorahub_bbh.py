@@ -170,6 +170,8 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
     assert (out / "command.txt").read_text().startswith(
         "python -m experiments.lorahub_bbh --data-dir")
     assert (out / "FINISHED").is_file()
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == [  # no partial record left
+        "navigate.json", "web_of_lies.json"]
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--progress",
                     "false", "--modules.dir", str(modules), "--out", str(out))
     assert code == 2 and err.count("\n") == 1 and "holds a finished run" in err
