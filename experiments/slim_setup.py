@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 
 from experiments.base_model import load_base, max_positions, model_location
+from experiments.cli import flag
 from experiments.presets.slim import SlimExperiment, TaskSpec
 from experiments.run_state import read_json, write_atomic, write_json
 from experiments.slim_methods import check_methods
@@ -42,11 +43,6 @@ from slim_jax.train.workers import active
 
 BASE_RECORD = "base/base.json"
 STORIES = "stories.json"
-
-
-def flag(path: str) -> str:
-    """The command-line flag of a config field path: `data.batch_size` -> `--data.batch-size`."""
-    return "--" + path.replace("_", "-")
 
 
 def check_config(config: SlimExperiment) -> None:

@@ -47,17 +47,14 @@ from slim_jax.data import CausalLayout, EncoderDecoderLayout
 from slim_jax.data.layout import Layout
 from slim_jax.errors import DataError
 from slim_jax.lorahub.upstream import (
-    UpstreamConfig,
     prepare_model,
     save_module,
     train_task_module,
     upstream_task_names,
 )
-from slim_jax.nn import LoRAConfig
-from slim_jax.parallel import MeshConfig
 from slim_jax.settings import enable_compilation_cache
 from slim_jax.tokenizer import Tokenizer
-from slim_jax.train import OptimizerConfig, TrainConfig, TrainingInterrupted, read_metrics
+from slim_jax.train import TrainingInterrupted, read_metrics
 from slim_jax.train.workers import StopSignals, active
 
 PROG = "python -m experiments.train_lora_modules"
@@ -78,20 +75,6 @@ def training_layout(model: nnx.Module, tokenizer: Tokenizer, max_length: int) ->
                                     dec_lengths=(max_length,))
     limit = min(max_length, max_positions(model) or max_length)
     return CausalLayout(tokenizer, lengths=(limit,))
-
-
-def upstream_config(spec: UpstreamSpec, encoder_decoder: bool) -> UpstreamConfig:
-    """The library's `UpstreamConfig` of the command line's settings."""
-    train = TrainConfig(
-        steps=spec.steps, progress=False, save_every=spec.save_every,
-        log_every=1, keep_checkpoints=1, async_checkpoint=False,
-        mesh=MeshConfig(data=-1),
-        optimizer=OptimizerConfig(learning_rate=spec.learning_rate,
-                                  warmup_steps=spec.warmup_steps))
-    return UpstreamConfig(
-        lora=LoRAConfig(rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout),
-        targets=spec.targets, train=train, batch_size=spec.batch_size,
-        pack=spec.pack and not encoder_decoder, max_examples=spec.max_examples)
 
 
 def chosen_tasks(spec: UpstreamSpec, data_dir: str | None) -> list[str]:
@@ -136,7 +119,7 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
                                             dtype=config.model.dtype,
                                             param_dtype=config.model.param_dtype)
     spec = config.upstream
-    upstream = upstream_config(spec, model.layout == "encoder_decoder")
+    upstream = spec.library_config(model.layout == "encoder_decoder")
     layout = training_layout(model, tokenizer, spec.max_length)
     devices = jax.devices()[:spec.num_devices] if spec.num_devices else None
     prepare_model(model, upstream)

@@ -168,7 +168,7 @@ def test_pod_preset_and_overrides_parse():
                                           "known ones include ag_news_classify"),
     (["--model.path", "/no/such/model"], "--model.path /no/such/model does not exist"),
     (["--model.path", "./no/such/hf"], "--model.path ./no/such/hf does not exist"),
-    (["--slim.top-k", "9"], "top_k must be between 1"),
+    (["--slim.top-k", "9"], "--slim.top-k must be between 1"),
     (["--task.kind", "gsm8k", "--task.validation", "yes"], "drop --task.validation"),
     (["--data.batch-size", "0"], "--data.batch-size must be >= 1, got 0"),
     (["--eval.batch-size", "0"], "--eval.batch-size must be >= 1, got 0"),
