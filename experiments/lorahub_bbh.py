@@ -55,7 +55,7 @@ from experiments import run_state
 from experiments.base_model import load_base
 from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
-from experiments.run_folder import default_run_folder
+from experiments.run_folder import resolve_out
 from experiments.train_lora_modules import chosen_tasks, finished_set, train_modules
 from slim_jax.data import BBHTask, load_bbh
 from slim_jax.errors import CheckpointError, ConfigError
@@ -155,9 +155,7 @@ def load_modules(config: LoRAHubExperiment, model: nnx.Module, names: Sequence[s
 
 def run_folder(config: LoRAHubExperiment) -> Path:
     """`--out`, or a new timestamped folder under `runs/lorahub_bbh`."""
-    if config.out is not None:
-        return Path(config.out).expanduser().resolve()
-    return default_run_folder("lorahub_bbh", config.preset).resolve()
+    return resolve_out(config.out, "lorahub_bbh", config.preset)
 
 
 def task_file(out: Path, task: str, *, partial: bool = False) -> Path:

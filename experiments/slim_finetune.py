@@ -51,7 +51,7 @@ from flax import nnx
 
 from experiments.cli import parse_config, run_command
 from experiments.presets.slim import PRESETS, SlimExperiment
-from experiments.run_folder import default_run_folder
+from experiments.run_folder import resolve_out
 from experiments.run_state import (
     mark_finished,
     open_run_folder,
@@ -233,8 +233,7 @@ def run_experiment(config: SlimExperiment, argv: Sequence[str], stop: StopSignal
     check_config(config)
     check_tune(config)
     folder = resolve_inputs(config)
-    out = (Path(config.out).expanduser() if config.out is not None
-           else default_run_folder("slim_finetune", config.preset)).resolve()
+    out = resolve_out(config.out, "slim_finetune", config.preset)
     config = dataclasses.replace(config, out=str(out))  # config.json records where it went
     command = shlex.join([*PROG.split(), *argv])
     open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite, create=False)

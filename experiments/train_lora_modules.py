@@ -42,6 +42,7 @@ from experiments import run_state
 from experiments.base_model import load_base, max_positions
 from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, UpstreamExperiment, UpstreamSpec
+from experiments.run_folder import resolve_out
 from slim_jax.checkpoint import Checkpointer
 from slim_jax.data import CausalLayout, EncoderDecoderLayout
 from slim_jax.data.layout import Layout
@@ -109,7 +110,7 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
       DataError: an unknown task.
     """
     stop = active() or StopSignals()
-    out = Path(config.out).expanduser().resolve()
+    out = resolve_out(config.out, "train_lora_modules", config.preset)
     tasks = chosen_tasks(config.upstream, config.data_dir)
     run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
     if argv:
@@ -171,7 +172,7 @@ def run(config: UpstreamExperiment, argv: list[str], stop: StopSignals) -> int:
     """Train the modules; 0 when all are finished, else print the stop line and return
     128 + the signal's number."""
     stopped = train_modules(config, argv)
-    out = Path(config.out).expanduser().resolve()
+    out = resolve_out(config.out, "train_lora_modules", config.preset)
     if stopped is not None:
         print(run_state.stop_message(PROG, stop.requested or "SIGTERM", stopped, argv, out),
               file=sys.stderr, flush=True)

@@ -94,3 +94,12 @@ def test_library_users_see_field_names():
     with pytest.raises(ConfigError, match=r"^top_k must be between 1") as info:
         SlimConfig(top_k=9, num_lora_experts=4, num_identity_experts=2)
     assert info.value.field == "top_k"
+
+
+@pytest.mark.parametrize("command", [slim_finetune, lorahub_bbh, train_lora_modules])
+def test_an_out_url_is_refused_in_one_line(command, capsys):
+    """Run folders are written with local atomic renames: `--out gs://...` is an error naming
+    the flag, not a local folder called `gs:`."""
+    assert command.main(["--out", "gs://bucket/run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out gs://bucket/run is a URL" in err
