@@ -52,7 +52,7 @@ from tyro.constructors import (
 )
 from tyro.constructors._struct_spec_dataclass import dataclass_rule
 
-from slim_jax.errors import ConfigError, SlimJaxError
+from slim_jax.errors import ConfigError, SlimJaxError, with_flags
 from slim_jax.settings import DATA_DIR_ENV
 from slim_jax.train.workers import StopSignals, WorkerDied
 
@@ -325,11 +325,13 @@ def parse_config(prog: str, doc: str, presets: Mapping[str, C],
 
 
 def run_command(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str]], C],
-                run: Callable[[C, list[str], StopSignals], int]) -> int:
+                run: Callable[[C, list[str], StopSignals], int],
+                flags: Mapping[str, str] | None = None) -> int:
     """An experiment command's `main`: parse `argv` (default `sys.argv[1:]`), then
     `run(config, argv, stop)` under `StopSignals`. Returns `run`'s exit status; 0 after
-    `--help`; 2 on bad input, after one line `prog: error: ...` on stderr (no traceback); 1
-    after one such line when a worker process died."""
+    `--help`; 2 on bad input, after one line `prog: error: ...` on stderr (no traceback; library
+    argument names in it replaced by the command's `flags`, e.g. `allow_pickle=True` ->
+    `--modules.allow-pickle`); 1 after one such line when a worker process died."""
     args = list(sys.argv[1:] if argv is None else argv)
     with StopSignals() as stop:
         try:
@@ -339,7 +341,8 @@ def run_command(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str
                 return int(done.code or 0)
             return run(config, args, stop)
         except SlimJaxError as err:
-            print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+            print(f"{prog}: error: {with_flags(' '.join(str(err).split()), flags or {})}",
+                  file=sys.stderr)
             return 2
         except WorkerDied as err:
             print(f"{prog}: error: {err}; the same command resumes", file=sys.stderr)

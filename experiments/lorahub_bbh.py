@@ -292,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 when done, 2 on bad input (one line on stderr), 128 + the signal's
     number when a stop signal stopped it (one line says what is saved and how to resume); with
     `--compile-only true`, 0 when the programs fit `--topology` and 1 when they do not."""
-    return run_command(PROG, argv, parse_cli, run_experiment)
+    return run_command(PROG, argv, parse_cli, run_experiment,
+                       flags={"allow_pickle=True": "--modules.allow-pickle"})
 
 
 if __name__ == "__main__":

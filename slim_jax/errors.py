@@ -7,7 +7,8 @@ never meet a traceback from deep inside JAX or silently wrong numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 
 
 class SlimJaxError(ValueError):
@@ -51,3 +52,16 @@ class DataError(SlimJaxError):
 
 class CheckpointError(SlimJaxError):
     """A checkpoint is missing, of an unsafe format, or does not fit the model."""
+
+
+def with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """`message` with the library's argument names (whole words) replaced by a command line's
+    flags, for front ends that print library errors.
+
+    >>> with_flags("pytorch_model.bin (with allow_pickle=True); --temperature, temperature",
+    ...            {"allow_pickle=True": "--allow-pickle", "temperature": "--temperature"})
+    'pytorch_model.bin (with --allow-pickle); --temperature, --temperature'
+    """
+    for name, flag in flags.items():  # whole words only: "--temperature" stays as it is
+        message = re.sub(rf"(?<![-\w]){re.escape(name)}(?![\w])", flag, message)
+    return message

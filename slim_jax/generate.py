@@ -30,7 +30,6 @@ from __future__ import annotations
 # jax, flax and the models are imported inside `run`, so --help and usage errors answer at once.
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -309,17 +308,6 @@ def _attach(model: nnx.Module, adapter: str, model_path: str, args: argparse.Nam
               file=sys.stderr)
 
 
-def cli_words(message: str) -> str:
-    """An error message with the library's argument names replaced by this command's flags.
-
-    >>> cli_words("pytorch_model.bin (with allow_pickle=True); --temperature, temperature")
-    'pytorch_model.bin (with --allow-pickle); --temperature, --temperature'
-    """
-    for name, flag in FLAGS.items():  # whole words only: "--temperature" stays as it is
-        message = re.sub(rf"(?<![-\w]){re.escape(name)}(?![\w])", flag, message)
-    return message
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default `sys.argv[1:]`); returns the exit status.
 
@@ -328,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["/no/such/model"])  # stderr: ... error: no directory '/no/such/model': ...
     2
     """
-    from slim_jax.errors import SlimJaxError
+    from slim_jax.errors import SlimJaxError, with_flags
 
     try:
         args = build_parser().parse_args(argv)
@@ -337,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         text = run(args)
     except (SlimJaxError, OSError) as err:
-        print(f"{PROG}: error: {cli_words(' '.join(str(err).split()))}", file=sys.stderr)
+        print(f"{PROG}: error: {with_flags(' '.join(str(err).split()), FLAGS)}", file=sys.stderr)
         return 2
     print(text)
     return 0
