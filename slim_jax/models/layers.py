@@ -199,29 +199,34 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """`cos, sin: [b, s, head_dim]` float32 of `positions [b, s]` (angles repeated per half).
+    """`cos, sin: [b, s, head_dim // 2]` float32 of `positions [b, s]`: one angle per frequency,
+    computed once per forward and shared by every layer's `apply_rope`.
 
     >>> cos, sin = rope_cos_sin(jnp.zeros((2, 3), jnp.int32), rope_frequencies(4, 1e4, None))
     >>> [a.shape for a in (cos, sin)]
-    [(2, 3, 4), (2, 3, 4)]
+    [(2, 3, 2), (2, 3, 2)]
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate `x: [b, s, ..., head_dim]` by position (rotate-half convention, as transformers).
 
-    rope(x) = x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1];
-    `cos, sin: [b, s, head_dim]` float32. Computed in float32, returned in `x.dtype`.
+    rope(x) = x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1], i.e. per half
+    [x1 cos - x2 sin, x2 cos + x1 sin] with the half tables `cos, sin: [b, s, head_dim // 2]`
+    float32 (one elementwise pass, no full-width tables or negated copy). Computed in float32,
+    returned in `x.dtype`.
+
+    >>> cos, sin = rope_cos_sin(jnp.ones((1, 1), jnp.int32), np.array([np.pi / 2], np.float32))
+    >>> apply_rope(jnp.array([[[1.0, 2.0]]]), cos, sin).round(5).tolist()  # a quarter turn
+    [[[-2.0, 1.0]]]
     """
     extra = (1,) * (x.ndim - 3)
     cos = cos.reshape(*cos.shape[:2], *extra, cos.shape[-1])
     sin = sin.reshape(*sin.shape[:2], *extra, sin.shape[-1])
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    return (x32 * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------- attention
