@@ -259,7 +259,7 @@ def attention(
       causal: the caller's promise that `s == t`, query i sits at key slot i and the `mask` /
         `bias` already forbid every key j > i (self-attention without a cache). "xla" then
         computes by query blocks that skip the key blocks above the diagonal
-        (`_blocked_causal`); the result is the same. A row with no visible key at all (padding)
+        (`_heads_major`); the result is the same. A row with no visible key at all (padding)
         gets a meaningless output either way.
 
     Returns:
@@ -281,11 +281,12 @@ def attention(
             mask=None if mask is None else mask[:, None], scale=1.0 if scale is None else scale,
             implementation="xla" if implementation == "jax" else implementation)
         return out.astype(dtype).reshape(b, s, heads * d)
-    if causal:
-        if k.shape[1] != s:
-            raise ShapeError(f"causal attention needs as many keys as queries; got {s} queries "
-                             f"and {k.shape[1]} keys (a cache is not causal self-attention)")
-        return _blocked_causal(q, k, v, bias, mask, scale, dtype)
+    if causal and k.shape[1] != s:
+        raise ShapeError(f"causal attention needs as many keys as queries; got {s} queries "
+                         f"and {k.shape[1]} keys (a cache is not causal self-attention)")
+    if k.shape[1] == s and s > 1:  # self-attention over whole sequences (no cache): heads-major
+        return _heads_major(q, k, v, bias, mask, scale, dtype,
+                            block=causal_block(s) if causal else s)
     groups = heads // kv_heads
     q = q.reshape(b, s, kv_heads, groups, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype),
@@ -312,7 +313,7 @@ def _bias_and_mask(scores: jax.Array, bias: jax.Array | None, mask: jax.Array | 
 
 
 def causal_block(s: int) -> int:
-    """The query block of `_blocked_causal` for `s` tokens: 64, or more so that there are at
+    """The query block of causal `_heads_major` for `s` tokens: 64, or more so that there are at
     most 16 blocks (each block is its own einsums: the program grows with their number).
 
     >>> causal_block(256), causal_block(4096)
@@ -321,13 +322,17 @@ def causal_block(s: int) -> int:
     return max(64, -(-s // 16))
 
 
-def _blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
-                    mask: jax.Array | None, scale: float | None, dtype: Any) -> jax.Array:
-    """Causal self-attention by query blocks, heads-major: the block of queries `[i, j)` attends
-    to keys `[0, j)` only, since every later key is masked for all of them; this skips about half
-    the score and softmax work, and each block's scores stay small enough for the cache (on CPU
-    1.5-3x the single einsum's forward, measured in benchmarks/attention_forms.py). Shapes as
-    `attention`'s with `t == s`; returns `[b, s, heads * d]`."""
+def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+                 mask: jax.Array | None, scale: float | None, dtype: Any, *, block: int
+                 ) -> jax.Array:
+    """Self-attention (`t == s`) in the heads-major layout, by query blocks of `block`.
+
+    With `block < s` the attention must be causal: the block of queries `[i, j)` attends to keys
+    `[0, j)` only, since every later key is masked for all of them; this skips about half the
+    score and softmax work, and each block's scores stay small enough for the cache (on CPU
+    1.5-3x the single einsum's forward, see benchmarks/attention_forms.py). `block == s` is one
+    block over all keys (bidirectional, e.g. T5's encoder). Shapes as `attention`'s; returns
+    `[b, s, heads * d]`."""
     b, s, heads, d = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
@@ -335,7 +340,6 @@ def _blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | 
     qh = q.reshape(b, s, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
     kh = k.astype(q.dtype).transpose(0, 2, 1, 3)
     vh = v.astype(dtype).transpose(0, 2, 1, 3)
-    block = causal_block(s)
     outs = []
     for start in range(0, s, block):
         end = min(start + block, s)

@@ -73,7 +73,8 @@ def test_write_kv_and_rms_norm():
 
 def test_blocked_causal_attention_equals_the_reference_and_its_gradient():
     """`causal=True` (query blocks skipping the future, 3 blocks at s = 130) with padding, GQA and
-    a bias equals the float64 reference on every real row, and its gradient the einsum form's."""
+    a bias equals the float64 reference on every real row, and its gradient the single block's;
+    so do the heads-major single block (`causal=False`) and the einsum form (fewer queries)."""
     keys = jax.random.split(jax.random.key(1), 4)
     b, s, heads, kv_heads, d = 2, 130, 4, 2, 8
     q = jax.random.normal(keys[0], (b, s, heads, d))
@@ -95,11 +96,17 @@ def test_blocked_causal_attention_equals_the_reference_and_its_gradient():
     @jax.jit  # one program: the blocked output, and both forms' gradients
     def outputs(q, k, v):
         grad = jax.grad(loss, argnums=(1, 2, 3))
-        return run(True, q, k, v), grad(True, q, k, v), grad(False, q, k, v)
+        return (run(True, q, k, v), run(False, q, k, v), grad(True, q, k, v),
+                grad(False, q, k, v),
+                attention(q[:, :9], k, v, bias=bias[:, :, :9], mask=mask[:, :9]))
 
-    got, blocked_grads, plain_grads = outputs(q, k, v)
+    blocked, one_block, blocked_grads, plain_grads, einsum = outputs(q, k, v)
     want = _reference(q, k, v, bias, mask, d**-0.5)
-    np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-5, rtol=1e-5)
+    for got in (blocked, one_block):  # causal blocks; the heads-major single block
+        np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-5, rtol=1e-5)
+    want = _reference(q[:, :9], k, v, bias[:, :, :9], mask[:, :9], 1.0)  # the einsum form
+    np.testing.assert_allclose(np.asarray(einsum)[real[:, :9]], want[real[:, :9]], atol=1e-5,
+                               rtol=1e-5)
     for blocked, plain in zip(blocked_grads, plain_grads, strict=True):
         np.testing.assert_allclose(blocked, plain, atol=1e-5, rtol=1e-5)
     with pytest.raises(ShapeError, match="causal attention needs as many keys as queries"):
