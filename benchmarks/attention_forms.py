@@ -3,14 +3,16 @@
 Every form computes softmax(q k^T / sqrt(d) + causal mask) v with grouped-query heads (query head
 h reads kv head h // (heads / kv_heads)), from q `[b, s, heads, d]` and k, v `[b, s, kv_heads, d]`
 (the projections' layout), and returns `[b, s, heads, d]`:
-  einsum     slim_jax/models/llama.py's form (copied here, so the script measures the form, not the
-             model): q grouped `[b, s, kv, g, d]`, scores `[b, kv, g, s, t]` in float32, masked
-             with `where(mask, scores, finfo.min)` from a `[b, s, t]` boolean mask built once
-             outside (as the model builds it once per forward), softmax, einsum back;
+  einsum     slim_jax's form before issue 14's blocks (copied here: the baseline): q grouped
+             `[b, s, kv, g, d]`, scores `[b, kv, g, s, t]` in float32, masked with
+             `where(mask, scores, finfo.min)` from a `[b, s, t]` boolean mask built once outside
+             (as the model builds it once per forward), softmax, einsum back;
   bhsd       the same with q, k, v transposed to heads-major `[b, h, s, d]` first and back after;
   dpa        `jax.nn.dot_product_attention(..., is_causal=True, implementation="xla")`;
   blocked    queries in blocks of --block: block i attends to keys `[0, (i + 1) * block)` only,
              skipping the fully masked upper blocks (about half the score work at long s);
+  slim_jax   the library's own `slim_jax.models.layers.attention(..., causal=True)`, what the
+             Llama model runs without a cache (query blocks of `causal_block(s)`, heads-major);
   torch      PyTorch's `scaled_dot_product_attention(is_causal=True)` on `[b, h, s, d]`, the
              reference the Llama comparison in model_forward.py runs against (--torch).
 Each form runs in float32 and, with --bf16, in bfloat16 (inputs and outputs bf16, scores f32 where
@@ -36,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 import harness  # benchmarks/harness.py, beside this file
 
@@ -48,7 +51,7 @@ SHAPES = {
 
 
 def einsum_form(q, k, v, mask):
-    """slim_jax/models/llama.py's LlamaAttention core (as of issue 14)."""
+    """slim_jax's attention core before the causal blocks (issue 14): the baseline."""
     import jax
     import jax.numpy as jnp
 
@@ -109,6 +112,15 @@ def blocked_form(block: int) -> Callable:
         return jnp.concatenate(outs, axis=1).reshape(b, s, h, d)
 
     return attend
+
+
+def library_form(q, k, v, mask):
+    """`slim_jax.models.layers.attention` as the Llama model calls it without a cache."""
+    from slim_jax.models.layers import attention
+
+    b, s, h, d = q.shape
+    out = attention(q, k, v, mask=mask, scale=d**-0.5, causal=True)
+    return out.reshape(b, s, h, d)
 
 
 def jax_fns(form: Callable, q, k, v, mask, dtype: str
@@ -174,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     k, v = (rng.standard_normal((b, s, kv, d), np.float32) for _ in range(2))
     mask = np.broadcast_to(np.tril(np.ones((s, s), bool)), (b, s, s))
     forms = {"einsum": einsum_form, "bhsd": bhsd_form, "dpa": dpa_form,
-             "blocked": blocked_form(args.block)}
+             "blocked": blocked_form(args.block), "slim_jax": library_form}
     dtypes = ("float32", "bfloat16") if args.bf16 else ("float32",)
     forward, backward, outputs = {}, {}, {}
     for dtype in dtypes:

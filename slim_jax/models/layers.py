@@ -22,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slim_jax.errors import ConfigError
+from slim_jax.errors import ConfigError, ShapeError
 
 AttentionImpl = Literal["xla", "jax", "cudnn"]
 ATTENTION_IMPLS: tuple[str, ...] = ("xla", "jax", "cudnn")
 """`attention` implementations: "xla" is the einsum form below (the default: on CPU it is at
-least as fast as `jax.nn.dot_product_attention`); "jax" is `jax.nn.dot_product_attention` with
-XLA's implementation; "cudnn" is its cuDNN fused (flash) kernel, GPU only."""
+least as fast as `jax.nn.dot_product_attention`), by query blocks that skip the masked future for
+causal self-attention; "jax" is `jax.nn.dot_product_attention` with XLA's implementation;
+"cudnn" is its cuDNN fused (flash) kernel, GPU only."""
 
 
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots_saveable", "nothing_saveable",
@@ -198,29 +199,34 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """`cos, sin: [b, s, head_dim]` float32 of `positions [b, s]` (angles repeated per half).
+    """`cos, sin: [b, s, head_dim // 2]` float32 of `positions [b, s]`: one angle per frequency,
+    computed once per forward and shared by every layer's `apply_rope`.
 
     >>> cos, sin = rope_cos_sin(jnp.zeros((2, 3), jnp.int32), rope_frequencies(4, 1e4, None))
     >>> [a.shape for a in (cos, sin)]
-    [(2, 3, 4), (2, 3, 4)]
+    [(2, 3, 2), (2, 3, 2)]
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate `x: [b, s, ..., head_dim]` by position (rotate-half convention, as transformers).
 
-    rope(x) = x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1];
-    `cos, sin: [b, s, head_dim]` float32. Computed in float32, returned in `x.dtype`.
+    rope(x) = x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1], i.e. per half
+    [x1 cos - x2 sin, x2 cos + x1 sin] with the half tables `cos, sin: [b, s, head_dim // 2]`
+    float32 (one elementwise pass, no full-width tables or negated copy). Computed in float32,
+    returned in `x.dtype`.
+
+    >>> cos, sin = rope_cos_sin(jnp.ones((1, 1), jnp.int32), np.array([np.pi / 2], np.float32))
+    >>> apply_rope(jnp.array([[[1.0, 2.0]]]), cos, sin).round(5).tolist()  # a quarter turn
+    [[[-2.0, 1.0]]]
     """
     extra = (1,) * (x.ndim - 3)
     cos = cos.reshape(*cos.shape[:2], *extra, cos.shape[-1])
     sin = sin.reshape(*sin.shape[:2], *extra, sin.shape[-1])
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    return (x32 * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -236,6 +242,7 @@ def attention(
     scale: float | None = None,
     dtype: Any = None,
     implementation: AttentionImpl = "xla",
+    causal: bool = False,
 ) -> jax.Array:
     """softmax(scale * q k^T + bias, masked) v over grouped-query heads; scores in float32.
 
@@ -247,7 +254,13 @@ def attention(
       mask: `[b, s, t]` bool, True where a query may attend; masked scores get float32's minimum.
       scale: multiplies the scores; None means none (T5); Llama passes `d**-0.5`.
       dtype: the dtype of the probabilities and output (default `q.dtype`).
-      implementation: "xla" (this einsum form), "jax" or "cudnn" (`jax.nn.dot_product_attention`).
+      implementation: "xla" (the einsum forms below), "jax" or "cudnn"
+        (`jax.nn.dot_product_attention`).
+      causal: the caller's promise that `s == t`, query i sits at key slot i and the `mask` /
+        `bias` already forbid every key j > i (self-attention without a cache). "xla" then
+        computes by query blocks that skip the key blocks above the diagonal
+        (`_heads_major`); the result is the same. A row with no visible key at all (padding)
+        gets a meaningless output either way.
 
     Returns:
       `[b, s, heads * d]` in `dtype`.
@@ -268,20 +281,78 @@ def attention(
             mask=None if mask is None else mask[:, None], scale=1.0 if scale is None else scale,
             implementation="xla" if implementation == "jax" else implementation)
         return out.astype(dtype).reshape(b, s, heads * d)
+    if causal and k.shape[1] != s:
+        raise ShapeError(f"causal attention needs as many keys as queries; got {s} queries "
+                         f"and {k.shape[1]} keys (a cache is not causal self-attention)")
+    if k.shape[1] == s and s > 1:  # self-attention over whole sequences (no cache): heads-major
+        return _heads_major(q, k, v, bias, mask, scale, dtype,
+                            block=causal_block(s) if causal else s)
     groups = heads // kv_heads
     q = q.reshape(b, s, kv_heads, groups, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32)
+    scores = _bias_and_mask(scores, bias, mask, scale, heads)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype))
+    return out.reshape(b, s, heads * d)
+
+
+def _bias_and_mask(scores: jax.Array, bias: jax.Array | None, mask: jax.Array | None,
+                   scale: float | None, heads: int) -> jax.Array:
+    """`scale * scores + bias`, masked to float32's minimum; scores `[b, kv, g, s, t]`, bias
+    `[b|1, heads|1, s|1, t]` and mask `[b, s, t]` already cut to the same `s, t`."""
     if scale is not None:
         scores = scores * scale
     if bias is not None:
+        kv_heads, groups = scores.shape[1:3]
         per_head = (kv_heads, groups) if bias.shape[1] == heads else (1, 1)  # [b|1, h|1, s|1, t]
         scores = scores + bias.reshape(bias.shape[0], *per_head, *bias.shape[2:])
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype))
-    return out.reshape(b, s, heads * d)
+    return scores
+
+
+def causal_block(s: int) -> int:
+    """The query block of causal `_heads_major` for `s` tokens: 64, or more so that there are at
+    most 16 blocks (each block is its own einsums: the program grows with their number).
+
+    >>> causal_block(256), causal_block(4096)
+    (64, 256)
+    """
+    return max(64, -(-s // 16))
+
+
+def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+                 mask: jax.Array | None, scale: float | None, dtype: Any, *, block: int
+                 ) -> jax.Array:
+    """Self-attention (`t == s`) in the heads-major layout, by query blocks of `block`.
+
+    With `block < s` the attention must be causal: the block of queries `[i, j)` attends to keys
+    `[0, j)` only, since every later key is masked for all of them; this skips about half the
+    score and softmax work, and each block's scores stay small enough for the cache (on CPU
+    1.5-3x the single einsum's forward, see benchmarks/attention_forms.py). `block == s` is one
+    block over all keys (bidirectional, e.g. T5's encoder). Shapes as `attention`'s; returns
+    `[b, s, heads * d]`."""
+    b, s, heads, d = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    # heads-major [b, kv, g, s, d] / [b, kv, t, d]: each block's products are plain batched matmuls
+    qh = q.reshape(b, s, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
+    kh = k.astype(q.dtype).transpose(0, 2, 1, 3)
+    vh = v.astype(dtype).transpose(0, 2, 1, 3)
+    outs = []
+    for start in range(0, s, block):
+        end = min(start + block, s)
+        scores = jnp.einsum("bkgsd,bktd->bkgst", qh[:, :, :, start:end], kh[:, :, :end],
+                            preferred_element_type=jnp.float32)
+        block_bias = None if bias is None else (
+            bias[:, :, start:end, :end] if bias.shape[2] == s else bias[..., :end])
+        block_mask = None if mask is None else mask[:, start:end, :end]
+        scores = _bias_and_mask(scores, block_bias, block_mask, scale, heads)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        outs.append(jnp.einsum("bkgst,bktd->bkgsd", probs, vh[:, :, :end]))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [b, kv, g, s, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, heads * d)
 
 
 def write_kv(cache: jax.Array, new: jax.Array, start: jax.Array | int) -> jax.Array:

@@ -197,8 +197,9 @@ class LlamaAttention(nnx.Module):
             k, v = write_kv(kv[0], k, start), write_kv(kv[1], v, start)
             kv = (k, v)
         # softmax(q k^T / sqrt(head_dim) + mask) v; query head h reads kv head h // groups.
+        # Without a cache the mask is causal over the tokens themselves: blocks skip the future.
         out = attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, dtype=self.dtype,
-                        implementation=self.implementation)
+                        implementation=self.implementation, causal=kv is None)
         return self.o_proj(out), kv
 
 

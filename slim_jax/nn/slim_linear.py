@@ -230,12 +230,18 @@ class SlimLinear(nnx.Linear):
           token_mask: `[...]` token weights for the cluster update (0 = padding); overrides
             the layer's `token_mask` variable for this call.
         """
-        y = super().__call__(inputs, out_sharding=out_sharding)
         cfg = self.config
         gates = self.routing_weights(inputs, token_mask)
         if hasattr(self, "__captures__"):  # only under nnx.capture
             self.sow(nnx.Intermediate, "routing_weights", gates)
         dtype = compute_dtype(cfg.dtype, self.dtype, inputs, self.experts_a[...])
+        lead = inputs.shape[:-1]
+        if out_sharding is None:
+            # One [tokens, d_in] matrix for the base and the experts: their backward products
+            # (x^T dY) contract one axis, without relayouts of the activations.
+            inputs = inputs.reshape(-1, inputs.shape[-1])
+            gates = gates.reshape(-1, gates.shape[-1])
+        y = super().__call__(inputs, out_sharding=out_sharding)
         x = inputs.astype(dtype)
         a = self.experts_a[...].astype(dtype)
         b = self.experts_b[...].astype(dtype)
@@ -248,4 +254,4 @@ class SlimLinear(nnx.Linear):
             )
         else:
             delta = lora_mixture_delta(x, a, b, lora_gates, self.scale)
-        return y + delta.astype(y.dtype)
+        return (y + delta.astype(y.dtype)).reshape(*lead, y.shape[-1])

@@ -44,5 +44,5 @@ def test_attention_forms_agree_with_the_current_einsum():
     k, v = (rng.standard_normal((1, 8, 2, 4), np.float32) for _ in range(2))
     mask = np.tril(np.ones((8, 8), bool))[None]
     ref = np.asarray(jax.jit(module.einsum_form)(q, k, v, mask))
-    for form in (module.bhsd_form, module.dpa_form, module.blocked_form(3)):
+    for form in (module.bhsd_form, module.dpa_form, module.blocked_form(3), module.library_form):
         np.testing.assert_allclose(np.asarray(jax.jit(form)(q, k, v, mask)), ref, atol=1e-5)
