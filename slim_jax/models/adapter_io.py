@@ -57,6 +57,7 @@ from slim_jax.nn import (
     inject_spec,
 )
 from slim_jax.nn.spec import config_json, parse_spec
+from slim_jax.nn.stack import has_stacks, per_layer, per_layer_view
 
 ADAPTERS_ITEM, STATE_ITEM = "adapters", "state"
 """The items of `Trainer.checkpoint_items` that inference needs (not the optimiser)."""
@@ -205,6 +206,7 @@ def save_adapter_checkpoint(
     if not spec:
         raise CheckpointError(f"the {type(model).__name__} has no adapters to save; adapt layers "
                               "first (slim_jax.nn.inject)")
+    model = per_layer_view(model)  # a scanned model's adapters under per-layer names
     # A large `keep`: saving a new step must never delete the steps already in `directory`.
     with Checkpointer(directory, keep=1_000_000, async_save=False) as checkpointer:
         if not checkpointer.save(step, _inference_items(model),
@@ -236,6 +238,9 @@ def load_adapter_checkpoint(
       CheckpointError: no such folder or step; no spec and no adapters on the model; adapters
         that differ from the spec; layers the model lacks; arrays that do not fit.
     """
+    if has_stacks(model):  # a scanned model: restored layer by layer, stacked again after
+        with per_layer(model):
+            return load_adapter_checkpoint(model, directory, step=step)
     directory = Path(directory).expanduser()
     source = str(directory)
     if not directory.is_dir() or not _has_steps(directory):

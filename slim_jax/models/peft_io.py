@@ -63,6 +63,7 @@ from slim_jax.models.peft_config import (
     same_base_model,
 )
 from slim_jax.nn import LoRALinear, SlimLinear, adapted_layers, inject, module_path
+from slim_jax.nn.stack import has_stacks, per_layer, per_layer_view
 
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
@@ -104,8 +105,10 @@ def _check_base(config: PeftLoRAConfig, expected: str | None, source: str) -> No
 
 
 def _linear_layers(model: nnx.Module) -> dict[str, nnx.Linear]:
-    """Every linear layer (plain or adapted) of the model by path."""
-    return {module_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
+    """Every linear layer (plain or adapted) of the model by per-layer path (a scanned model's
+    stacked layers as `layers/i/...`, `slim_jax.nn.stack.per_layer_view`)."""
+    view = per_layer_view(model)
+    return {module_path(p): m for p, m in nnx.iter_modules(view) if isinstance(m, nnx.Linear)}
 
 
 def _load_weights(directory: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -237,6 +240,11 @@ def load_peft(
       CheckpointError: as `load_peft_factors`; a target that is already a `SlimLinear`, or a
         `LoRALinear` of another rank, alpha or scaling.
     """
+    if has_stacks(model):  # a scanned model: its layers one by one, stacked again after
+        with per_layer(model):
+            return load_peft(model, directory, rngs=rngs, allow_pickle=allow_pickle,
+                             base_model_name_or_path=base_model_name_or_path,
+                             param_dtype=param_dtype, dropout=dropout)
     config, factors = load_peft_factors(directory, model, allow_pickle=allow_pickle,
                                         base_model_name_or_path=base_model_name_or_path)
     lora = config.lora_config(dropout=dropout, param_dtype=param_dtype)
@@ -293,6 +301,7 @@ def save_peft(
         differ in rank, alpha or scaling (named).
     """
     naming = _naming(model)
+    model = per_layer_view(model)  # a scanned model's adapters under per-layer names
     layers = adapted_layers(model)
     slim = [p for p, layer in layers.items() if not isinstance(layer, LoRALinear)]
     if slim:
