@@ -50,6 +50,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 from flax import nnx
+from jax.sharding import Mesh
 
 from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.models import hf
@@ -63,7 +64,8 @@ from slim_jax.models.peft_config import (
     same_base_model,
 )
 from slim_jax.nn import LoRALinear, SlimLinear, adapted_layers, inject, module_path
-from slim_jax.nn.stack import has_stacks, per_layer, per_layer_view
+from slim_jax.nn.stack import per_layer_view
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules
 
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
@@ -215,12 +217,15 @@ def load_peft(
     allow_pickle: bool = False,
     param_dtype: Any = "float32",
     dropout: float = 0.0,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> list[str]:
     """Put a PEFT LoRA adapter onto `model`, in place: `LoRALinear` on every targeted layer.
 
     Plain `nnx.Linear` targets are replaced through `slim_jax.nn.inject`; targets that already
     are `LoRALinear` with the same rank, alpha and scaling get their factors overwritten. Layers
-    the adapter does not target are left as they are.
+    the adapter does not target are left as they are. A scanned model (`scan_layers`) takes the
+    same per-layer adapter, stacked (every stacked layer must be targeted).
 
     Args:
       model: a `T5` or `Llama`.
@@ -232,6 +237,8 @@ def load_peft(
       dropout: adapter dropout of the injected layers. PEFT's `lora_dropout` is a training
         setting and peft switches it off in eval mode, so the default 0 computes what a peft
         model computes at inference; pass `read_peft_config(dir).dropout` to train on with it.
+      mesh, rules: put each factor straight into the sharding its `logical_axes` get under
+        `rules` on `mesh` (`hf.assign_params`), as `from_pretrained(mesh=...)` does the base.
 
     Returns:
       The sorted paths of the adapted layers.
@@ -240,11 +247,6 @@ def load_peft(
       CheckpointError: as `load_peft_factors`; a target that is already a `SlimLinear`, or a
         `LoRALinear` of another rank, alpha or scaling.
     """
-    if has_stacks(model):  # a scanned model: its layers one by one, stacked again after
-        with per_layer(model):
-            return load_peft(model, directory, rngs=rngs, allow_pickle=allow_pickle,
-                             base_model_name_or_path=base_model_name_or_path,
-                             param_dtype=param_dtype, dropout=dropout)
     config, factors = load_peft_factors(directory, model, allow_pickle=allow_pickle,
                                         base_model_name_or_path=base_model_name_or_path)
     lora = config.lora_config(dropout=dropout, param_dtype=param_dtype)
@@ -268,7 +270,8 @@ def load_peft(
     arrays = {}
     for path, (a, b) in factors.items():
         arrays[f"{path}/lora_a"], arrays[f"{path}/lora_b"] = a, b
-    hf.assign_params(model, arrays, strict=False, source=str(directory))
+    # Per-layer names; a scanned model's stacks take them stacked (`hf.assign_params`).
+    hf.assign_params(model, arrays, strict=False, source=str(directory), mesh=mesh, rules=rules)
     return list(factors)
 
 

@@ -129,7 +129,7 @@ def test_adapter_spec_and_rules_see_per_layer_paths_and_an_unsplit_layers_axis()
         jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
 
-def test_from_pretrained_builds_the_stacked_layout_directly_also_on_a_mesh(tmp_path, sibling):
+def test_from_pretrained_and_load_peft_build_the_stacked_layout_also_on_a_mesh(tmp_path, sibling):
     sibling("test_sharded_loading")._save(Llama(CFG, rngs=nnx.Rngs(3)), tmp_path, HF_CONFIG,
                                           path_to_hf_name)
     plain = Llama.from_pretrained(tmp_path)
@@ -142,6 +142,13 @@ def test_from_pretrained_builds_the_stacked_layout_directly_also_on_a_mesh(tmp_p
     want = np.asarray(plain(TOKENS))
     np.testing.assert_allclose(np.asarray(scanned(TOKENS)), want, atol=1e-5)
     np.testing.assert_allclose(np.asarray(sharded(TOKENS)), want, atol=1e-5)
+    # a PEFT adapter goes onto the mesh the same way, each factor straight into its sharding
+    save_peft(_llama(True, adapters="lora"), tmp_path / "peft", base_model_name_or_path="toy")
+    load_peft(plain, tmp_path / "peft")
+    load_peft(sharded, tmp_path / "peft", mesh=mesh)
+    b = sharded.layers.layer.self_attn.v_proj.lora_b[...]
+    assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, ("tensor", "fsdp"))
+    np.testing.assert_allclose(np.asarray(sharded(TOKENS)), np.asarray(plain(TOKENS)), atol=1e-5)
 
 
 def test_peft_adapter_round_trips_between_scanned_and_unrolled(tmp_path):
