@@ -9,7 +9,10 @@ work through it, and `stack_arrays` turns per-layer checkpoint names into stacke
 Hugging Face, PEFT and slim_jax adapter files keep per-layer names whatever the layout.
 
 Every variable of the stack carries `layers` first in its `logical_axes` (mapped to no mesh
-axis by the default rules), except `TokenMask`s, which hold one mask for every layer.
+axis by the default rules), except `TokenMask`s, which hold one mask for every layer. Orbax
+training checkpoints of a scanned model hold the stacked arrays (they resume a scanned run).
+Within the scan the layers run as pure functions of their state, so `nnx.capture`
+intermediates (SLIM's sown routing weights) are not collected from a scanned model.
 
 >>> layers = [nnx.Linear(3, 3, rngs=nnx.Rngs(i)) for i in range(4)]
 >>> stack = LayerStack(layers)
