@@ -43,6 +43,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from slim_jax.checkpoint import META, Checkpointer, check_finite, plain
 from slim_jax.errors import CheckpointError
@@ -58,6 +59,8 @@ from slim_jax.nn import (
 )
 from slim_jax.nn.spec import config_json, parse_spec
 from slim_jax.nn.stack import has_stacks, per_layer, per_layer_view
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules
+from slim_jax.parallel.sharding import shard, tree_shardings
 
 ADAPTERS_ITEM, STATE_ITEM = "adapters", "state"
 """The items of `Trainer.checkpoint_items` that inference needs (not the optimiser)."""
@@ -216,7 +219,8 @@ def save_adapter_checkpoint(
 
 
 def load_adapter_checkpoint(
-    model: nnx.Module, directory: PathLike, *, step: int | None = None
+    model: nnx.Module, directory: PathLike, *, step: int | None = None,
+    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
 ) -> list[str]:
     """Restore the adapters of a slim_jax checkpoint into `model`, in place.
 
@@ -230,6 +234,9 @@ def load_adapter_checkpoint(
       model: the base model (e.g. from `Llama.from_pretrained`).
       directory: the `Checkpointer` folder.
       step: the step to read; the latest when None.
+      mesh, rules: restore each adapter array straight into the sharding its `logical_axes`
+        get under `rules` on `mesh` (orbax reads only each process's shards), as
+        `from_pretrained(mesh=...)` places the base. None: as the model's arrays are placed.
 
     Returns:
       The sorted paths of the adapted layers.
@@ -240,7 +247,11 @@ def load_adapter_checkpoint(
     """
     if has_stacks(model):  # a scanned model: restored layer by layer, stacked again after
         with per_layer(model):
-            return load_adapter_checkpoint(model, directory, step=step)
+            paths = load_adapter_checkpoint(model, directory, step=step, mesh=mesh, rules=rules)
+        if mesh is not None:  # the stacked arrays into their stacked shardings
+            state = nnx.state(model, nnx.Not(_FROZEN))
+            nnx.update(model, shard(state, tree_shardings(state, mesh, rules)))
+        return paths
     directory = Path(directory).expanduser()
     source = str(directory)
     if not directory.is_dir() or not _has_steps(directory):
@@ -268,6 +279,9 @@ def load_adapter_checkpoint(
             else:
                 inject_spec(model, spec, source=source)
         items = _inference_items(model)
+        if mesh is not None:  # restore targets placed on the mesh: orbax reads into them
+            items = {name: shard(item, tree_shardings(item, mesh, rules))
+                     for name, item in items.items()}
         _check_fits(stored, _shapes(items[ADAPTERS_ITEM]), f"{source} (step {step})", model)
         try:
             items, _ = checkpointer.restore(items, step)
@@ -277,6 +291,10 @@ def load_adapter_checkpoint(
     check_finite(items, f"{source} (step {step})")  # NaN/Inf refused, naming the tensor
     nnx.update(model, items[ADAPTERS_ITEM], items[STATE_ITEM])
     return list(adapted_layers(model))
+
+
+_FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+"""The frozen base's parameters (not in an adapter checkpoint)."""
 
 
 def _stored_shapes(item_dir: Path, source: str) -> dict[str, tuple[int, ...]]:

@@ -180,6 +180,14 @@ def test_slim_jax_adapter_checkpoint_round_trips_between_scanned_and_unrolled(tm
     scanned = Llama(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(0))
     load_adapter_checkpoint(scanned, tmp_path / "b")
     _assert_same(_flat(nnx.state(trained)), _flat(nnx.state(scanned)))
+    # onto a mesh: every adapter array (stacked here) in the sharding its logical axes get
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), devices=jax.devices()[:8])
+    on_mesh = Llama(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(0))
+    load_adapter_checkpoint(on_mesh, tmp_path / "b", mesh=mesh)
+    b = on_mesh.layers.layer.self_attn.q_proj.experts_b[...]
+    assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, None, ("tensor", "fsdp"))
+    adapters = nnx.state(on_mesh, nnx.LoRAParam)
+    _assert_same(_flat(nnx.state(trained, nnx.LoRAParam)), _flat(adapters))
 
 
 def test_greedy_generation_is_identical_scanned_and_unrolled():
