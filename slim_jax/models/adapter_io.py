@@ -246,7 +246,7 @@ def load_adapter_checkpoint(
         that differ from the spec; layers the model lacks; arrays that do not fit.
     """
     if has_stacks(model):  # a scanned model: restored layer by layer, stacked again after
-        with per_layer(model):
+        with per_layer(model, frozen_abstract=True):  # the base is not copied
             paths = load_adapter_checkpoint(model, directory, step=step, mesh=mesh, rules=rules)
         if mesh is not None:  # the stacked arrays into their stacked shardings
             state = nnx.state(model, nnx.Not(_FROZEN))

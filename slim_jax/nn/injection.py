@@ -108,7 +108,7 @@ def inject(
     'LoRALinear'
     """
     if has_stacks(model):
-        with per_layer(model):
+        with per_layer(model, frozen_abstract=True):  # the base is not copied
             return inject(model, pattern, config, rngs=rngs)
     if isinstance(config, LoRAConfig):
         layer_type: type[AdaptedLinear] = LoRALinear

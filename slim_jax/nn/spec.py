@@ -118,7 +118,7 @@ def inject_spec(model: nnx.Module, spec: AdapterSpec, *, rngs: nnx.Rngs | None =
     (['1'], 'LoRALinear')
     """
     if has_stacks(model):  # a scanned model: its layers one by one, stacked again after
-        with per_layer(model):
+        with per_layer(model, frozen_abstract=True):  # the base is not copied
             return inject_spec(model, spec, rngs=rngs, source=source)
     layers = parse_spec(spec, source)
     linears = {module_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}

@@ -186,10 +186,17 @@ def has_stacks(model: nnx.Module) -> bool:
     return bool(_stacks(model))
 
 
+_FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
 @contextlib.contextmanager
-def per_layer(model: nnx.Module) -> Iterator[nnx.Module]:
+def per_layer(model: nnx.Module, *, frozen_abstract: bool = False) -> Iterator[nnx.Module]:
     """Within the block, every `LayerStack` of `model` is an `nnx.List` of its layers (in
     place: paths read `layers/0/...`); on leaving, they are stacked again (also on error).
+
+    `frozen_abstract`: inside the block the frozen parameters (`nnx.Param`, not `nnx.LoRAParam`)
+    are shapes only, and the stacked originals are put back on leaving: the base is never
+    copied (for changing adapters only: injection, adapter loading; not for calling the model).
 
     Raises (on leaving):
       ConfigError: the layers no longer share one structure (`LayerStack`).
@@ -205,16 +212,21 @@ def per_layer(model: nnx.Module) -> Iterator[nnx.Module]:
     (2, 2, 2)
     """
     stacks = _stacks(model)
+    frozen = [nnx.state(stack.layer, _FROZEN) if frozen_abstract else None for _, stack in stacks]
     for path, stack in stacks:
-        _set(_parent(model, path), path[-1], nnx.List(stack.unstack()))
+        _set(_parent(model, path), path[-1],
+             nnx.List(stack.unstack(frozen_abstract=frozen_abstract)))
     try:
         yield model
     finally:
-        for path, _ in stacks:
+        for (path, _), base in zip(stacks, frozen, strict=True):
             parent = _parent(model, path)
             layers = parent[path[-1]] if isinstance(parent, nnx.List | nnx.Dict) else getattr(
                 parent, path[-1])
-            _set(parent, path[-1], LayerStack(list(layers)))
+            stack = LayerStack(list(layers))
+            if base is not None:  # the original stacked base, at the same paths
+                nnx.update(stack.layer, base)
+            _set(parent, path[-1], stack)
 
 
 def per_layer_view(model: nnx.Module, *, frozen_abstract: bool = True) -> nnx.Module:

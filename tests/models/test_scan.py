@@ -114,6 +114,13 @@ def test_scanned_program_is_one_loop_whose_size_does_not_grow_with_depth():
     assert len(_hlo(8, False)) > 2 * len(_hlo(2, False))  # unrolled: a copy per layer
 
 
+def test_injecting_into_a_scanned_model_keeps_its_base_arrays_uncopied():
+    model = Llama(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(0))
+    kernel = model.layers.layer.self_attn.q_proj.kernel.get_value()
+    inject(model, "q_proj", LoRAConfig(rank=2), rngs=nnx.Rngs(1))
+    assert model.layers.layer.self_attn.q_proj.kernel.get_value() is kernel
+
+
 def test_adapters_on_some_stacked_layers_only_are_refused():
     model = Llama(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="same adapters"):
