@@ -15,6 +15,7 @@ from flax import nnx
 
 from slim_jax.errors import CheckpointError
 from slim_jax.models import loading
+from slim_jax.paths import as_path
 from slim_jax.settings import locate
 from slim_jax.tokenizer import Tokenizer
 
@@ -31,7 +32,7 @@ def model_location(path: str, data_dir: str | None) -> str:
     >>> model_location("org/some-model", None)
     'org/some-model'
     """
-    found = Path(locate(path, data_dir))
+    found = as_path(locate(path, data_dir))  # epath: a gs:// URL stays whole
     if found.is_dir() and not (found / "config.json").is_file() and (
             found / LLAMA2C_CHECKPOINT).is_file():
         return str(found / LLAMA2C_CHECKPOINT)

@@ -7,7 +7,9 @@ config instances (`experiments/presets/*.py`): `--preset NAME` picks the default
 override them, and a field added to a config class is a flag at once. Values as before:
 `--seeds 0,1,2` (tuples comma-separated), `none` for None, `true`/`false`/`yes`/`no` for booleans;
 anything else tyro parses from the annotation (Literal choices, numbers). Errors print one line,
-`python -m experiments.X: error: ...`, and exit 2.
+`python -m experiments.X: error: ...`, and exit 2; a value a config class rejects is named by its
+flag (the class raises `ConfigError(..., field=name)`, and the section's place in the config tree
+gives the prefix: `--slim.top-k must be between 1 and ...`).
 
 Why tyro: of the maintained typed-config CLI libraries it builds the parser from dataclasses and
 their docstrings as they are (no decorators or base classes in the library's own configs), takes an
@@ -50,7 +52,7 @@ from tyro.constructors import (
 )
 from tyro.constructors._struct_spec_dataclass import dataclass_rule
 
-from slim_jax.errors import ConfigError, SlimJaxError
+from slim_jax.errors import ConfigError, SlimJaxError, with_flags
 from slim_jax.settings import DATA_DIR_ENV
 from slim_jax.train.workers import StopSignals, WorkerDied
 
@@ -186,10 +188,30 @@ def first_sentence(text: str) -> str:
     return text
 
 
+def flag(path: str) -> str:
+    """The command-line flag of a config field path: `data.batch_size` -> `--data.batch-size`.
+
+    >>> flag("train.optimizer.learning_rate")
+    '--train.optimizer.learning-rate'
+    """
+    return "--" + path.replace("_", "-")
+
+
+class _Rejected(Exception):
+    """A config class rejected one of its fields (a `ConfigError` with `field`) while tyro built
+    it. Not a ValueError, so that tyro, which would keep only the message, lets it through to
+    `parse_config`, which finds the section by its default instance and names the flag."""
+
+    def __init__(self, section_type: type, section_default: Any, error: ConfigError) -> None:
+        super().__init__(str(error))
+        self.section_type, self.section_default, self.error = (section_type, section_default,
+                                                               error)
+
+
 @REGISTRY.struct_rule
 def _dataclass_rule(info: StructTypeInfo) -> StructConstructorSpec | None:
-    """Dataclasses as tyro reads them, with one sentence of help per field and the fields the
-    program sets itself hidden."""
+    """Dataclasses as tyro reads them, with one sentence of help per field, the fields the
+    program sets itself hidden, and their validation errors carried out as `_Rejected`."""
     spec = dataclass_rule(info)
     if spec is None:
         return None
@@ -199,19 +221,58 @@ def _dataclass_rule(info: StructTypeInfo) -> StructConstructorSpec | None:
     for f in spec.fields:
         kind = typing.Annotated[f.type, tyro.conf.Suppress] if f.name in hidden else f.type
         fields.append(dataclasses.replace(f, type=kind, helptext=docs.get(f.name, "")))
-    return dataclasses.replace(spec, fields=tuple(fields))
+    instantiate, section_type, section_default = spec.instantiate, info.type, info.default
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return instantiate(*args, **kwargs)
+        except ConfigError as err:
+            if err.field is None:
+                raise
+            raise _Rejected(section_type, section_default, err) from err
+
+    return dataclasses.replace(spec, fields=tuple(fields), instantiate=checked)
+
+
+def _section_paths(config: Any, prefix: str = "") -> dict[int, str]:
+    """`id(section) -> "path."` for every dataclass section of `config` ("" for the root)."""
+    paths = {id(config): prefix}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            paths.update({k: v for k, v in _section_paths(value, f"{prefix}{f.name}.").items()
+                          if k not in paths})
+    return paths
+
+
+def rejected_message(rejected: _Rejected, defaults: Any) -> str:
+    """The one-line message of a field a config class rejected, naming its flag."""
+    paths = _section_paths(defaults)
+    prefix = paths.get(id(rejected.section_default))
+    if prefix is None and rejected.section_type is type(defaults):
+        prefix = ""
+    if prefix is None:  # a section without a preset default: the library's own words
+        return str(rejected.error)
+    return rejected.error.named(lambda name: flag(prefix + name))
 
 
 def _one_line(text: str) -> str:
-    """The message of tyro's boxed error, on one line."""
+    """The message of tyro's boxed error, on one line (UTF-8 box or, when stdout is not UTF-8,
+    its ASCII form: a title row, a rule of dashes, the message, a rule, the help footer)."""
+    rows = [row for row in (line.strip().strip("│").strip() for line in text.splitlines()) if row]
+
+    def rule(row: str) -> bool:
+        return set(row) <= set("─-")
+
+    if rows and rows[0].startswith("╭"):
+        rows = rows[1:]
+    elif len(rows) > 1 and rule(rows[1]):
+        rows = rows[2:]
     lines = []
-    for line in text.splitlines():
-        inner = line.strip().strip("│╭╮╰╯─").strip()
-        if line.strip().startswith(("╭", "╰")):
-            continue
-        if set(line.strip("│ ")) <= set("─"):
+    for row in rows:
+        if rule(row) or row.startswith("╰"):
             break
-        lines.append(inner)
+        lines.append(row)
     message = " ".join(lines).strip()
     message = re.sub(r"^Error parsing [\w.-]+: (--)", r"\1", message)  # the flag is named
     return re.sub(r"^Error parsing ([\w.-]+): ", r"\1: ", message) or "invalid arguments"
@@ -252,6 +313,9 @@ def parse_config(prog: str, doc: str, presets: Mapping[str, C],
             return tyro.cli(type(defaults), default=defaults, args=argv, prog=prog,
                             description=description, registry=REGISTRY,
                             config=(tyro.conf.FlagConversionOff,))
+    except _Rejected as rejected:
+        print(f"{prog}: error: {rejected_message(rejected, defaults)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except SystemExit as stop:
         if stop.code not in (0, None):
             print(f"{prog}: error: {_one_line(captured.getvalue())}", file=sys.stderr)
@@ -261,11 +325,13 @@ def parse_config(prog: str, doc: str, presets: Mapping[str, C],
 
 
 def run_command(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str]], C],
-                run: Callable[[C, list[str], StopSignals], int]) -> int:
+                run: Callable[[C, list[str], StopSignals], int],
+                flags: Mapping[str, str] | None = None) -> int:
     """An experiment command's `main`: parse `argv` (default `sys.argv[1:]`), then
     `run(config, argv, stop)` under `StopSignals`. Returns `run`'s exit status; 0 after
-    `--help`; 2 on bad input, after one line `prog: error: ...` on stderr (no traceback); 1
-    after one such line when a worker process died."""
+    `--help`; 2 on bad input, after one line `prog: error: ...` on stderr (no traceback; library
+    argument names in it replaced by the command's `flags`, e.g. `allow_pickle=True` ->
+    `--modules.allow-pickle`); 1 after one such line when a worker process died."""
     args = list(sys.argv[1:] if argv is None else argv)
     with StopSignals() as stop:
         try:
@@ -275,7 +341,8 @@ def run_command(prog: str, argv: Sequence[str] | None, parse: Callable[[list[str
                 return int(done.code or 0)
             return run(config, args, stop)
         except SlimJaxError as err:
-            print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+            print(f"{prog}: error: {with_flags(' '.join(str(err).split()), flags or {})}",
+                  file=sys.stderr)
             return 2
         except WorkerDied as err:
             print(f"{prog}: error: {err}; the same command resumes", file=sys.stderr)

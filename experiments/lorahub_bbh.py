@@ -15,13 +15,15 @@ positions). Scores are exact match x 100. The run folder:
     <out>/results.json                 every run's modules, weights, objectives, histories
     <out>/search_progress.png          best objective against evaluations, per search
     <out>/tasks/<task>.json            one finished task's results (written when it finishes)
+    <out>/tasks/<task>.partial.json    the task in progress: its baselines and finished runs
     <out>/FINISHED                     written last, when every task is done
 
-Stop and resume: SIGTERM, SIGINT or SIGUSR1 stops after saving the finished tasks (and, while
-modules are being trained, the module in training); one line names what is saved and the command
-that resumes. The same command with the same `--out` keeps the finished tasks and redoes the
-interrupted one from its start (same seeds, same numbers). A finished `--out` is refused unless
-`--overwrite`.
+Stop and resume: SIGTERM, SIGINT or SIGUSR1 stops with the finished tasks and the finished runs
+of the task in progress saved (and, while modules are being trained, the module in training); one
+line names what is saved and the command that resumes. The same command with the same `--out`
+keeps the finished tasks and runs (units of task x run, each recorded atomically when it
+finishes) and continues the interrupted task with its next run (same seeds, same numbers as an
+uninterrupted run). A finished `--out` is refused unless `--overwrite`.
 
 The cpu preset (default) uses the TinyStories model with modules from
 `python -m experiments.train_lora_modules` (trained first, with a line saying so, when the module
@@ -53,7 +55,7 @@ from experiments import run_state
 from experiments.base_model import load_base
 from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
-from experiments.run_folder import default_run_folder
+from experiments.run_folder import resolve_out
 from experiments.train_lora_modules import chosen_tasks, finished_set, train_modules
 from slim_jax.data import BBHTask, load_bbh
 from slim_jax.errors import CheckpointError, ConfigError
@@ -153,9 +155,13 @@ def load_modules(config: LoRAHubExperiment, model: nnx.Module, names: Sequence[s
 
 def run_folder(config: LoRAHubExperiment) -> Path:
     """`--out`, or a new timestamped folder under `runs/lorahub_bbh`."""
-    if config.out is not None:
-        return Path(config.out).expanduser().resolve()
-    return default_run_folder("lorahub_bbh", config.preset).resolve()
+    return resolve_out(config.out, "lorahub_bbh", config.preset)
+
+
+def task_file(out: Path, task: str, *, partial: bool = False) -> Path:
+    """A finished task's record, or (`partial`) the baselines and finished runs of the task in
+    progress: the units of task x run that a rerun keeps."""
+    return out / "tasks" / f"{task}{'.partial' if partial else ''}.json"
 
 
 def task_result(record: dict) -> TaskResult:
@@ -228,13 +234,18 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
     run_state.write_json(out / DRAWS, draws)
 
     results: list[TaskResult] = []
+    partial: dict[str, TaskResult] = {}
     for name in tasks:
-        record = run_state.read_json(out / "tasks" / f"{name}.json")
+        record = run_state.read_json(task_file(out, name))
         if record is not None:
             results.append(task_result(record))
-    if results:
-        print(f"{PROG}: resuming: {len(results)} of {len(tasks)} tasks finished in {out}",
-              flush=True)
+        elif (record := run_state.read_json(task_file(out, name, partial=True))) is not None:
+            partial[name] = task_result(record)
+    if results or partial:
+        inside = "".join(f"; {name} continues after run {len(r.runs)} of {len(draws)}"
+                         for name, r in partial.items())
+        print(f"{PROG}: resuming: {len(results)} of {len(tasks)} tasks finished in {out}"
+              f"{inside}", flush=True)
     total = len(tasks) * steps_per_task(config.protocol)
     with tqdm(total=total, desc="lorahub bbh", disable=not config.progress) as bar:
         bar.update(len(results) * steps_per_task(config.protocol))
@@ -246,17 +257,27 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
                 bar.set_postfix_str(f"{name[:24]} {label}")
                 bar.update(1)
 
+            def save(so_far: TaskResult, name: str = name) -> None:
+                partial[name] = so_far
+                run_state.write_json(task_file(out, name, partial=True),
+                                     dataclasses.asdict(so_far))
+
             try:
                 with stop.interruptible():
                     result = run_bbh_task(task, model, tokenizer, modules, draws,
-                                          config.protocol, progress=note)
+                                          config.protocol, progress=note,
+                                          done=partial.get(name), save=save)
             except Stopped:
                 bar.close()
-                print(run_state.stop_message(PROG, stop.requested or "SIGTERM", [
-                    f"{len(results)} of {len(tasks)} tasks finished ({out / 'results.md'})"],
-                    argv, out), file=sys.stderr, flush=True)
+                saved = [f"{len(results)} of {len(tasks)} tasks finished ({out / 'results.md'})"]
+                if name in partial:
+                    saved.append(f"{name} at run {len(partial[name].runs)} of {len(draws)} "
+                                 f"({task_file(out, name, partial=True)})")
+                print(run_state.stop_message(PROG, stop.requested or "SIGTERM", saved, argv,
+                                             out), file=sys.stderr, flush=True)
                 return stop.exit_code
-            run_state.write_json(out / "tasks" / f"{name}.json", dataclasses.asdict(result))
+            run_state.write_json(task_file(out, name), dataclasses.asdict(result))
+            task_file(out, name, partial=True).unlink(missing_ok=True)
             results.append(result)
             results.sort(key=lambda r: list(tasks).index(r.task))
             write_results(out, results, config, command, time.perf_counter() - start)
@@ -271,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 when done, 2 on bad input (one line on stderr), 128 + the signal's
     number when a stop signal stopped it (one line says what is saved and how to resume); with
     `--compile-only true`, 0 when the programs fit `--topology` and 1 when they do not."""
-    return run_command(PROG, argv, parse_cli, run_experiment)
+    return run_command(PROG, argv, parse_cli, run_experiment,
+                       flags={"allow_pickle=True": "--modules.allow-pickle"})
 
 
 if __name__ == "__main__":

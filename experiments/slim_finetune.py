@@ -15,7 +15,9 @@ the general measure from the base model. The run folder (`--out`; by default a n
     <out>/stories.json                  (stories measure) the base model's stories, token ids
     <out>/base/base.json, predictions.jsonl  the base model's measures and answers
     <out>/runs/<method>/seed<k>/        result.json, predictions.jsonl, the trainer's
-                                        metrics.jsonl and loss.png, checkpoints/ (orbax:
+                                        metrics.jsonl and loss.png, evals.jsonl (with
+                                        --eval.curve-every: the curve's points),
+                                        checkpoints/ (orbax:
                                         adapters, SLIM cluster state, optimiser), and for
                                         `lora` peft/ (the adapter in PEFT's format; PEFT has no
                                         mixture-of-experts format, so SLIM adapters stay orbax)
@@ -49,7 +51,7 @@ from flax import nnx
 
 from experiments.cli import parse_config, run_command
 from experiments.presets.slim import PRESETS, SlimExperiment
-from experiments.run_folder import default_run_folder
+from experiments.run_folder import resolve_out
 from experiments.run_state import (
     mark_finished,
     open_run_folder,
@@ -59,16 +61,24 @@ from experiments.run_state import (
     write_json,
 )
 from experiments.slim_methods import Method, make_method, target_shapes
-from experiments.slim_report import markdown_table, plot_losses, plot_tradeoff, summarize
+from experiments.slim_report import (
+    curves_by_method,
+    markdown_table,
+    plot_losses,
+    plot_tradeoff,
+    summarize,
+)
 from experiments.slim_setup import (
     Context,
     check_config,
+    curve_evaluation,
     evaluate_downstream,
     load_checked,
     prepare,
     resolve_inputs,
     write_predictions,
 )
+from experiments.slim_tune import apply_setting, check_tune, setting_for, write_tuned
 from slim_jax.data import BatchIterator
 from slim_jax.eval import forgetting_by_measure
 from slim_jax.models.peft_io import save_peft
@@ -101,9 +111,10 @@ def steps_for(config: SlimExperiment, num_examples: int) -> int:
     return config.train.steps
 
 
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    """The folder of one method x seed run."""
-    return out / "runs" / method / f"seed{seed}"
+def run_dir(out: Path, method: str, seed: int, trial: int | None = None) -> Path:
+    """The folder of one method x seed run, or of one tuning trial (`out` is then the tuning
+    folder, `<run folder>/tuning`)."""
+    return out / "runs" / method / (f"seed{seed}" if trial is None else f"trial{trial}")
 
 
 def final_ce(metrics_path: Path, steps: int) -> float:
@@ -114,12 +125,17 @@ def final_ce(metrics_path: Path, steps: int) -> float:
     return sum(tail) / len(tail) if tail else float("nan")
 
 
-def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
+def run_method(ctx: Context, method_name: str, seed: int,
+               trial: int | None = None) -> dict[str, Any]:
     """Train one method with one seed (resuming from its checkpoint if it has one), evaluate it,
     save its adapters and its `result.json` last. Returns `{"record": ...}` when finished, or
-    `{"stopped": what is saved}` when a stop request cut training short."""
-    config, stop = ctx.config, active() or StopSignals()
-    folder = run_dir(ctx.out, method_name, seed)
+    `{"stopped": what is saved}` when a stop request cut training short. With `trial`, it is
+    that tuning trial of the method (`experiments/slim_tune.py`)."""
+    stop = active() or StopSignals()
+    setting = setting_for(ctx, method_name, trial)
+    config = apply_setting(ctx.config, setting)
+    folder = run_dir(ctx.out, method_name, seed, trial)
+    unit = f"{method_name} seed {seed}" if trial is None else f"{method_name} trial {trial}"
     steps = steps_for(config, len(ctx.train_data))
     with stop.interruptible():
         model = nnx.clone(ctx.base_model)
@@ -136,12 +152,12 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
         trainer = Trainer(model, train_config, devices=ctx.devices)
     start = time.perf_counter()
     if (folder / "checkpoints").is_dir():
-        print(f"[{method_name} seed {seed}] resuming from its checkpoint", flush=True)
-    result: TrainResult = trainer.fit(batches)
+        print(f"[{unit}] resuming from its checkpoint", flush=True)
+    result: TrainResult = trainer.fit(batches, evaluate=curve_evaluation(ctx))
     train_seconds = time.perf_counter() - start
     if result.stopped == "preempted" or stop.requested:
         stop.request(result.signal or "SIGTERM")  # the trainer's guard heard the signal first
-        return {"stopped": f"{method_name} seed {seed} at step {result.checkpoint_step} "
+        return {"stopped": f"{unit} at step {result.checkpoint_step} "
                            f"({folder / 'checkpoints'})"}
     start = time.perf_counter()
     with stop.interruptible():
@@ -156,7 +172,8 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
     headline = ctx.capability.headline
     drops = forgetting_by_measure(ctx.capability, ctx.base["general"], general)
     record = {
-        "method": method_name, "seed": seed, "steps": result.step, "stopped": result.stopped,
+        "method": method_name, "seed": seed, "trial": trial, "setting": setting,
+        "steps": result.step, "stopped": result.stopped,
         "adapter": {"type": type(method.adapter).__name__,
                     **dataclasses.asdict(method.adapter)},
         "l1_coeff": train_config.l1_coeff,
@@ -167,10 +184,11 @@ def run_method(ctx: Context, method_name: str, seed: int) -> dict[str, Any]:
         "forgetting": drops[headline], "forgetting_by_measure": drops,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "checkpoint": str(folder / "checkpoints"),
+        "curve": result.evals,  # --eval.curve-every: the points along training (evals.jsonl)
     }
     if ctx.leader:
         write_json(folder / RESULT, record)  # last: the run counts as finished from here
-    print(f"[{method_name} seed {seed}] {result.step} steps in {train_seconds:.1f}s (final "
+    print(f"[{unit}] {result.step} steps in {train_seconds:.1f}s (final "
           f"cross-entropy {record['final_ce']:.3f}); downstream {100 * downstream.accuracy:.1f}%"
           + ("" if by_likelihood is None else f" (by likelihood {100 * by_likelihood:.1f}%)")
           + f", {headline} {general[headline]:.4f} (forgetting {drops[headline]:+.4f}); "
@@ -183,8 +201,8 @@ def _worker_init(config: SlimExperiment, folder: Path | None, out: Path) -> Cont
     return prepare(config, folder, out)
 
 
-def _worker_run(ctx: Context, method: str, seed: int) -> dict[str, Any]:
-    return run_method(ctx, method, seed)
+def _worker_run(ctx: Context, method: str, seed: int, trial: int | None) -> dict[str, Any]:
+    return run_method(ctx, method, seed, trial)
 
 
 def schedule(methods: Sequence[str], seeds: Sequence[int], workers: int) -> list[tuple[str, int]]:
@@ -213,9 +231,9 @@ def run_experiment(config: SlimExperiment, argv: Sequence[str], stop: StopSignal
         any model is loaded.
     """
     check_config(config)
+    check_tune(config)
     folder = resolve_inputs(config)
-    out = (Path(config.out).expanduser() if config.out is not None
-           else default_run_folder("slim_finetune", config.preset)).resolve()
+    out = resolve_out(config.out, "slim_finetune", config.preset)
     config = dataclasses.replace(config, out=str(out))  # config.json records where it went
     command = shlex.join([*PROG.split(), *argv])
     open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite, create=False)
@@ -227,29 +245,62 @@ def run_experiment(config: SlimExperiment, argv: Sequence[str], stop: StopSignal
         write_atomic(out / "command.txt", command + "\n")
     else:
         resumed = (out / "config.json").is_file()
+    if config.tune.trials:  # the tuning trials first, on a validation split, then the runs
+        tuning = dataclasses.replace(config, task=dataclasses.replace(config.task,
+                                                                      validation=True))
+        code = _run_phase(tuning, folder, out / "tuning", loaded, stop, argv, command, clock,
+                          resumed, top=out)
+        if code is not None:
+            return code
+    code = _run_phase(config, folder, out, loaded, stop, argv, command, clock, resumed, top=out)
+    if code is not None:
+        return code
+    print(f"done in {time.perf_counter() - clock:.0f}s; results in {out / 'results.md'}",
+          flush=True)
+    return 0
+
+
+Job = tuple[str, int, int | None]  # (method, seed, tuning trial or None)
+
+
+def _run_phase(config: SlimExperiment, folder: Path | None, out: Path,
+               loaded: tuple[Any, ...], stop: StopSignals, argv: Sequence[str], command: str,
+               clock: float, resumed: bool, *, top: Path) -> int | None:
+    """Run the unfinished units of one phase in `out`: the tuning trials (when `out` is the
+    tuning folder, `config` on the validation split) or the final method x seed runs. Returns
+    the exit status when a stop cut it short, else None (everything finished and written)."""
+    trials = out != top
     try:
         ctx = prepare(config, folder, out, loaded)
     except Stopped:
-        print(stop_message(PROG, stop.requested or "SIGTERM", [f"the run folder {out}"], argv,
-                           out), file=sys.stderr, flush=True)
+        print(stop_message(PROG, stop.requested or "SIGTERM", [f"the run folder {top}"], argv,
+                           top), file=sys.stderr, flush=True)
         return stop.exit_code
-    jobs = schedule(config.methods, config.seeds, config.workers)
+    if trials:
+        pairs = schedule(config.methods, range(config.tune.trials), config.workers)
+        jobs: list[Job] = [(m, config.tune.seed, k) for m, k in pairs]
+    else:
+        jobs = [(m, s, None) for m, s in schedule(config.methods, config.seeds, config.workers)]
     finished = {job: read_json(run_dir(out, *job) / RESULT) for job in jobs}
     runs = [r for r in finished.values() if r is not None]
     todo = [job for job in jobs if finished[job] is None]
-    print(f"task {ctx.task.name}: {len(ctx.task.train)} training / {len(ctx.task.test)} test "
-          f"examples (majority answer {100 * ctx.base['majority']:.1f}%); base model: "
-          f"downstream {100 * ctx.base['downstream']:.1f}%, {ctx.capability.headline} "
-          f"{ctx.base['general_score']:.4f}; methods {', '.join(config.methods)}; seeds "
-          f"{', '.join(map(str, config.seeds))}"
-          + (f"; resuming: {len(runs)} of {len(jobs)} runs finished" if resumed else ""),
+    units = "tuning trials" if trials else "runs"
+    print(("tuning: " if trials else "")
+          + f"task {ctx.task.name}: {len(ctx.task.train)} training / {len(ctx.task.test)} "
+          f"{'validation' if trials else 'test'} examples (majority answer "
+          f"{100 * ctx.base['majority']:.1f}%); base model: downstream "
+          f"{100 * ctx.base['downstream']:.1f}%, {ctx.capability.headline} "
+          f"{ctx.base['general_score']:.4f}; methods {', '.join(config.methods)}; "
+          + (f"{config.tune.trials} trials each (seed {config.tune.seed})" if trials
+             else f"seeds {', '.join(map(str, config.seeds))}")
+          + (f"; resuming: {len(runs)} of {len(jobs)} {units} finished" if resumed else ""),
           flush=True)
     saved: list[str] = []
 
-    def collect(job: tuple[str, int], value: dict[str, Any] | None) -> None:
+    def collect(job: Job, value: dict[str, Any] | None) -> None:
         if value is not None and "record" in value:
             runs.append(value["record"])
-            if ctx.leader:
+            if ctx.leader and not trials:
                 _write_results(ctx, _ordered(runs, config.methods), command,
                                time.perf_counter() - clock)
         else:
@@ -269,15 +320,16 @@ def run_experiment(config: SlimExperiment, argv: Sequence[str], stop: StopSignal
         for outcome in pool.run(todo, stop):
             collect(outcome.job, outcome.value)  # type: ignore[arg-type]
     if stop.requested and len(runs) < len(jobs):
-        what = [f"{len(runs)} of {len(jobs)} runs finished ({out / 'results.json'})", *saved]
-        print(stop_message(PROG, stop.requested, what, argv, out), file=sys.stderr, flush=True)
+        what = [f"{len(runs)} of {len(jobs)} {units} finished"
+                + ("" if trials else f" ({out / 'results.json'})"), *saved]
+        print(stop_message(PROG, stop.requested, what, argv, top), file=sys.stderr, flush=True)
         return stop.exit_code
-    if ctx.leader:
+    if trials:
+        write_tuned(ctx, runs, top)
+    elif ctx.leader:
         _write_results(ctx, _ordered(runs, config.methods), command, time.perf_counter() - clock)
         mark_finished(out)
-    print(f"done in {time.perf_counter() - clock:.0f}s; results in {out / 'results.md'}",
-          flush=True)
-    return 0
+    return None
 
 
 def _ordered(runs: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
@@ -311,7 +363,8 @@ def _write_results(ctx: Context, runs: list[dict[str, Any]], command: str,
     title = (f"task {ctx.task.name}, preset {config.preset}, "
              f"{len(config.seeds)} seed{'s' * (len(config.seeds) != 1)}")
     plot_losses(by_method, ctx.out / "loss_curves.png", title=title)
-    plot_tradeoff(summary, ctx.base, ctx.out / "tradeoff.png", headline=cap.headline, title=title)
+    plot_tradeoff(summary, ctx.base, ctx.out / "tradeoff.png", headline=cap.headline, title=title,
+                  curves=curves_by_method(runs, config.methods))
     return results
 
 

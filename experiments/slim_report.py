@@ -42,6 +42,31 @@ def summarize(runs: Sequence[Record], methods: Sequence[str]) -> list[dict[str, 
     return rows
 
 
+def curves_by_method(runs: Sequence[Record], methods: Sequence[str]
+                     ) -> dict[str, list[dict[str, Any]]]:
+    """Per method, its accuracy-forgetting curve over seeds: for each step every seed measured
+    (`record["curve"]`, from `--eval.curve-every`), mean and std of downstream and forgetting.
+
+    >>> runs = [{"method": "a", "seed": s, "curve": [{"step": 10, "downstream": d,
+    ...          "forgetting": 0.1}]} for s, d in ((0, 0.5), (1, 0.7))]
+    >>> point = curves_by_method(runs, ["a"])["a"][0]
+    >>> point["step"], round(point["downstream"][0], 3), point["seeds"]
+    (10, 0.6, 2)
+    """
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        mine = [{int(p["step"]): p for p in r.get("curve") or ()}
+                for r in runs if r["method"] == method]
+        if not mine or not all(mine):
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in mine)))
+        curves[method] = [{"step": step, "seeds": len(mine),
+                           "downstream": mean_std([c[step]["downstream"] for c in mine]),
+                           "forgetting": mean_std([c[step]["forgetting"] for c in mine])}
+                          for step in steps]
+    return curves
+
+
 def _cell(value: tuple[float, float], digits: int = 3, percent: bool = False) -> str:
     mean, std = value
     if percent:
@@ -142,18 +167,34 @@ def plot_losses(run_dirs: Mapping[str, Sequence[str | os.PathLike[str]]],
 
 
 def plot_tradeoff(summary: Sequence[Record], base: Record, out: str | os.PathLike[str], *,
-                  headline: str, title: str | None = None) -> Path:
+                  headline: str, title: str | None = None,
+                  curves: Mapping[str, Sequence[Record]] | None = None) -> Path:
     """Downstream accuracy against forgetting, one point per method (error bars: std over
-    seeds); the base model sits at zero forgetting. Up and to the left is better; `title` says
-    what the run was (task, preset, seeds)."""
+    seeds); the base model sits at zero forgetting. With `curves` (`curves_by_method`), each
+    method's points along training are joined by a line in its style, labelled with their
+    steps, bands of std over seeds. Up and to the left is better; `title` says what the run was
+    (task, preset, seeds)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     ax.scatter([0.0], [100 * base["downstream"]], marker="x", color="black", label="base model")
+    curves = curves or {}
     for i, row in enumerate(summary):
         (f_mean, f_std), (d_mean, d_std) = row["forgetting"], row["downstream"]
-        ax.errorbar([f_mean], [100 * d_mean], xerr=[f_std], yerr=[100 * d_std],
-                    fmt=STYLES[i % len(STYLES)][1], capsize=3,
-                    label=f"{row['method']} (mean ± std over seeds)")
+        style, marker = STYLES[i % len(STYLES)]
+        bars = ax.errorbar([f_mean], [100 * d_mean], xerr=[f_std], yerr=[100 * d_std],
+                           fmt=marker, capsize=3, ms=7,
+                           label=f"{row['method']}: final (mean ± std over seeds)")
+        points = curves.get(row["method"])
+        if points:
+            xs = [p["forgetting"][0] for p in points]
+            ys = [100 * p["downstream"][0] for p in points]
+            color = bars.lines[0].get_color()
+            ax.errorbar(xs, ys, xerr=[p["forgetting"][1] for p in points],
+                        yerr=[100 * p["downstream"][1] for p in points], ls=style, marker=marker,
+                        ms=3, lw=1, capsize=2, color=color, alpha=0.7,
+                        label=f"{row['method']}: along training (steps "
+                              f"{points[0]['step']}..{points[-1]['step']}, subset)")
+            ax.annotate(str(points[-1]["step"]), (xs[-1], ys[-1]), fontsize=6, color=color)
     ax.axvline(0.0, color="grey", lw=0.8, ls=":")
     ax.set_title(f"{title + chr(10) if title else ''}up and to the left is better", fontsize=10)
     ax.set_xlabel(f"forgetting (drop of {headline} from the base model; lower is better)")

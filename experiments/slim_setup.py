@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 
 from experiments.base_model import load_base, max_positions, model_location
+from experiments.cli import flag
 from experiments.presets.slim import SlimExperiment, TaskSpec
 from experiments.run_state import read_json, write_atomic, write_json
 from experiments.slim_methods import check_methods
@@ -27,6 +28,7 @@ from slim_jax.eval import (
     StoryCapability,
     commonsense_task,
     downstream_accuracy,
+    forgetting_by_measure,
     gsm8k_task,
     mmlu_task,
     t0_classification_task,
@@ -36,15 +38,11 @@ from slim_jax.parallel import make_mesh, shard_module
 from slim_jax.settings import DATA_DIR_ENV
 from slim_jax.settings import data_dir as resolve_data_dir
 from slim_jax.tokenizer import Tokenizer
+from slim_jax.train import Periodic
 from slim_jax.train.workers import active
 
 BASE_RECORD = "base/base.json"
 STORIES = "stories.json"
-
-
-def flag(path: str) -> str:
-    """The command-line flag of a config field path: `data.batch_size` -> `--data.batch-size`."""
-    return "--" + path.replace("_", "-")
 
 
 def check_config(config: SlimExperiment) -> None:
@@ -74,6 +72,12 @@ def check_config(config: SlimExperiment) -> None:
                           "and answer")
     if config.data.epochs < 0 or config.train.save_every < 0 or config.num_devices < 0:
         raise ConfigError("--data.epochs, --train.save-every and --num-devices must be >= 0")
+    if config.eval.curve_every < 0:
+        raise ConfigError(f"--eval.curve-every must be >= 0 (0: no curve), got "
+                          f"{config.eval.curve_every}")
+    if config.eval.curve_examples is not None and config.eval.curve_examples < 1:
+        raise ConfigError(f"--eval.curve-examples must be >= 1 (or none for all), got "
+                          f"{config.eval.curve_examples}")
     if not 0.0 < config.task.test_fraction < 1.0:
         raise ConfigError(f"--task.test-fraction must be in (0, 1), got "
                           f"{config.task.test_fraction}")
@@ -275,3 +279,37 @@ def prepare(config: SlimExperiment, folder: Path | None, out: Path,
                 write_json(out / BASE_RECORD, ctx.base)
     return ctx
 
+
+
+@dataclasses.dataclass
+class CurvePoint:
+    """One point of a run's accuracy-forgetting curve: downstream accuracy on the first
+    `--eval.curve-examples` evaluation examples, and the general measure and its drop from the
+    base model, of the model of a training step (`slim_jax.train.Periodic`'s function)."""
+
+    ctx: Context
+
+    def __call__(self, model: nnx.Module, step: int) -> dict[str, float]:
+        ctx, ev = self.ctx, self.ctx.config.eval
+        task, n = ctx.task, ev.curve_examples
+        if n is not None and n < len(task.test):
+            task = dataclasses.replace(task, test=task.test[:n], choices=task.choices[:n])
+        # The same calls in the same order as a run's final evaluation: SLIM's dynamic merging
+        # draws its masks from the model's RNG stream call by call, so a point on all examples
+        # equals the final evaluation of that step.
+        view = inference_view(model)
+        downstream, by_likelihood = evaluate_downstream(ctx.config, ctx.tokenizer, task, view)
+        general = ctx.capability.measure(view)
+        headline = ctx.capability.headline
+        drops = forgetting_by_measure(ctx.capability, ctx.base["general"], general)
+        point = {"downstream": downstream.accuracy, "general_score": general[headline],
+                 "forgetting": drops[headline], "examples": len(task.test)}
+        if by_likelihood is not None:
+            point["downstream_likelihood"] = by_likelihood
+        return point
+
+
+def curve_evaluation(ctx: Context) -> Periodic | None:
+    """The trainer's evaluation along training when `--eval.curve-every` asks for one."""
+    every = ctx.config.eval.curve_every
+    return Periodic(CurvePoint(ctx), every=every) if every > 0 else None

@@ -42,22 +42,20 @@ from experiments import run_state
 from experiments.base_model import load_base, max_positions
 from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, UpstreamExperiment, UpstreamSpec
+from experiments.run_folder import resolve_out
 from slim_jax.checkpoint import Checkpointer
 from slim_jax.data import CausalLayout, EncoderDecoderLayout
 from slim_jax.data.layout import Layout
 from slim_jax.errors import DataError
 from slim_jax.lorahub.upstream import (
-    UpstreamConfig,
     prepare_model,
     save_module,
     train_task_module,
     upstream_task_names,
 )
-from slim_jax.nn import LoRAConfig
-from slim_jax.parallel import MeshConfig
 from slim_jax.settings import enable_compilation_cache
 from slim_jax.tokenizer import Tokenizer
-from slim_jax.train import OptimizerConfig, TrainConfig, TrainingInterrupted, read_metrics
+from slim_jax.train import TrainingInterrupted, read_metrics
 from slim_jax.train.workers import StopSignals, active
 
 PROG = "python -m experiments.train_lora_modules"
@@ -78,20 +76,6 @@ def training_layout(model: nnx.Module, tokenizer: Tokenizer, max_length: int) ->
                                     dec_lengths=(max_length,))
     limit = min(max_length, max_positions(model) or max_length)
     return CausalLayout(tokenizer, lengths=(limit,))
-
-
-def upstream_config(spec: UpstreamSpec, encoder_decoder: bool) -> UpstreamConfig:
-    """The library's `UpstreamConfig` of the command line's settings."""
-    train = TrainConfig(
-        steps=spec.steps, progress=False, save_every=spec.save_every,
-        log_every=1, keep_checkpoints=1, async_checkpoint=False,
-        mesh=MeshConfig(data=-1),
-        optimizer=OptimizerConfig(learning_rate=spec.learning_rate,
-                                  warmup_steps=spec.warmup_steps))
-    return UpstreamConfig(
-        lora=LoRAConfig(rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout),
-        targets=spec.targets, train=train, batch_size=spec.batch_size,
-        pack=spec.pack and not encoder_decoder, max_examples=spec.max_examples)
 
 
 def chosen_tasks(spec: UpstreamSpec, data_dir: str | None) -> list[str]:
@@ -126,7 +110,7 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
       DataError: an unknown task.
     """
     stop = active() or StopSignals()
-    out = Path(config.out).expanduser().resolve()
+    out = resolve_out(config.out, "train_lora_modules", config.preset)
     tasks = chosen_tasks(config.upstream, config.data_dir)
     run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
     if argv:
@@ -136,7 +120,7 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
                                             dtype=config.model.dtype,
                                             param_dtype=config.model.param_dtype)
     spec = config.upstream
-    upstream = upstream_config(spec, model.layout == "encoder_decoder")
+    upstream = spec.library_config(model.layout == "encoder_decoder")
     layout = training_layout(model, tokenizer, spec.max_length)
     devices = jax.devices()[:spec.num_devices] if spec.num_devices else None
     prepare_model(model, upstream)
@@ -188,7 +172,7 @@ def run(config: UpstreamExperiment, argv: list[str], stop: StopSignals) -> int:
     """Train the modules; 0 when all are finished, else print the stop line and return
     128 + the signal's number."""
     stopped = train_modules(config, argv)
-    out = Path(config.out).expanduser().resolve()
+    out = resolve_out(config.out, "train_lora_modules", config.preset)
     if stopped is not None:
         print(run_state.stop_message(PROG, stop.requested or "SIGTERM", stopped, argv, out),
               file=sys.stderr, flush=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 # jax, flax and the models are imported inside `run`, so --help and usage errors answer at once.
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,24 +172,37 @@ def check_positions(model: Any, prompt_tokens: int, max_new_tokens: int) -> None
           f"{limit} tokens is usually poor", file=sys.stderr)
 
 
-def kv_cache_bytes(model: Any, rows: int, length: int) -> int | None:
-    """Bytes of the decoding cache of `rows` rows of `length` positions (from the shapes of
-    `model.init_cache`, nothing allocated); None for a model without `init_cache`.
+def decode_state_bytes(model: Any, prompt_tokens: int, max_new_tokens: int) -> int:
+    """Bytes of the decoding state `model.prefill` builds for one prompt of `prompt_tokens`
+    tokens (padded to its bucket, as `generate` does) and `max_new_tokens` new ones: the KV
+    cache, and for an encoder-decoder also the encoder's cross-attention keys and values. From
+    shapes only (`jax.eval_shape` of the family's `prefill`: nothing is computed or allocated),
+    so every family is measured the same way.
 
     >>> from flax import nnx
     >>> from slim_jax.models.llama import Llama, LlamaConfig
     >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2,
     ...                   num_heads=2, num_kv_heads=1)
-    >>> kv_cache_bytes(Llama(cfg, rngs=nnx.Rngs(0)), 1, 10**9) // 10**9  # bytes per position
+    >>> decode_state_bytes(Llama(cfg, rngs=nnx.Rngs(0)), 1, 10**9) // 10**9  # per position
     68
 
     (keys and values of 2 layers, 1 head of 4 float32 each: 64 bytes, and an int32 segment id.)
     """
     import jax
+    import jax.numpy as jnp
 
-    if not hasattr(model, "init_cache"):
-        return None
-    shapes = jax.eval_shape(lambda: model.init_cache(rows, length))
+    from slim_jax.models.functional import call_split, split_model
+    from slim_jax.models.generate import bucket_length
+
+    graphdef, params, rest = split_model(model)
+    tokens = jax.ShapeDtypeStruct((1, bucket_length(prompt_tokens, minimum=16)), jnp.int32)
+
+    def state(params: Any, rest: Any, tokens: jax.Array) -> Any:
+        (_, decode_state), _ = call_split(
+            graphdef, params, rest, lambda m: m.prefill(tokens, tokens, max_new_tokens))
+        return decode_state
+
+    shapes = jax.eval_shape(state, params, rest, tokens)
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
@@ -217,16 +229,15 @@ def check_cache_fits(model: Any, prompt_tokens: int, max_new_tokens: int) -> Non
     from slim_jax.errors import ConfigError
     from slim_jax.models.generate import bucket_length
 
-    length = bucket_length(prompt_tokens, minimum=16) + max_new_tokens
-    cache = kv_cache_bytes(model, 1, length)
-    if cache is None:
-        return
+    bucket = bucket_length(prompt_tokens, minimum=16)
+    cache = decode_state_bytes(model, prompt_tokens, max_new_tokens)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
     have = memory_bytes()
     if cache + weights > have:
         raise ConfigError(
-            f"--max-new-tokens {max_new_tokens} needs a KV cache of {_size(cache)} ({length} "
-            f"positions) besides {_size(weights)} of weights, more than the {_size(have)} of "
+            f"--max-new-tokens {max_new_tokens} needs a KV cache of {_size(cache)} (a "
+            f"{bucket}-position prompt and {max_new_tokens} new tokens) besides "
+            f"{_size(weights)} of weights, more than the {_size(have)} of "
             f"memory of this {jax.devices()[0].platform.upper()}: lower --max-new-tokens")
 
 
@@ -297,17 +308,6 @@ def _attach(model: nnx.Module, adapter: str, model_path: str, args: argparse.Nam
               file=sys.stderr)
 
 
-def cli_words(message: str) -> str:
-    """An error message with the library's argument names replaced by this command's flags.
-
-    >>> cli_words("pytorch_model.bin (with allow_pickle=True); --temperature, temperature")
-    'pytorch_model.bin (with --allow-pickle); --temperature, --temperature'
-    """
-    for name, flag in FLAGS.items():  # whole words only: "--temperature" stays as it is
-        message = re.sub(rf"(?<![-\w]){re.escape(name)}(?![\w])", flag, message)
-    return message
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default `sys.argv[1:]`); returns the exit status.
 
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["/no/such/model"])  # stderr: ... error: no directory '/no/such/model': ...
     2
     """
-    from slim_jax.errors import SlimJaxError
+    from slim_jax.errors import SlimJaxError, with_flags
 
     try:
         args = build_parser().parse_args(argv)
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         text = run(args)
     except (SlimJaxError, OSError) as err:
-        print(f"{PROG}: error: {cli_words(' '.join(str(err).split()))}", file=sys.stderr)
+        print(f"{PROG}: error: {with_flags(' '.join(str(err).split()), FLAGS)}", file=sys.stderr)
         return 2
     print(text)
     return 0

@@ -1,6 +1,7 @@
-"""Where a model, tokenizer or adapter lives: a local directory, or a Hugging Face hub snapshot.
+"""Where a model, tokenizer or adapter lives: a local directory, a remote one (`gs://...`, copied
+into the local cache by `slim_jax.paths.local_copy`), or a Hugging Face hub snapshot.
 
-A leaf module (imports nothing of slim_jax but errors), shared by `slim_jax.tokenizer`,
+A leaf module (imports nothing of slim_jax but errors and paths), shared by `slim_jax.tokenizer`,
 `slim_jax.models` and `slim_jax.lorahub`. `huggingface_hub` is imported only when a hub id has to
 be fetched (a heavy optional dependency for local use).
 
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from slim_jax.errors import CheckpointError
+from slim_jax.paths import as_path, is_remote, local_copy, probe
 
 # What a hub download fetches by default: configs, safetensors weights and tokenizer files; never
 # pickles (pass `allow_patterns` to `resolve_model_dir` to fetch those deliberately).
@@ -35,28 +37,43 @@ def resolve_model_dir(
     allow_patterns: Sequence[str] | None = DEFAULT_HUB_PATTERNS,
     revision: str | None = None,
 ) -> Path:
-    """The local directory of a model: `name_or_path` itself, or a hub snapshot of that id.
+    """The local directory of a model: `name_or_path` itself, a local copy of a remote directory,
+    or a hub snapshot of that id.
 
     Args:
-      name_or_path: a local directory, or a hub id (`owner/name`) fetched with
-        `huggingface_hub.snapshot_download` (from the local cache when offline).
+      name_or_path: a local directory; a remote one (`gs://bucket/model`: its files that match
+        `allow_patterns` are copied into `slim_jax.paths.cache_dir()`, once per host); or a hub id
+        (`owner/name`) fetched with `huggingface_hub.snapshot_download` (from the local cache when
+        offline).
       required: files that must exist in the directory (checked either way, so a wrong directory is
         reported here, naming what is missing).
-      allow_patterns: glob patterns of the files a hub download fetches (None: all files).
+      allow_patterns: glob patterns of the files a hub download or remote copy fetches (None:
+        all files).
       revision: hub branch, tag or commit.
 
     Returns:
-      The absolute directory.
+      The absolute local directory.
 
     Raises:
       CheckpointError: the directory lacks a required file; the path does not exist and is not a hub
-        id; or the hub cannot be reached (offline) and the id is not in the cache, naming the files.
+        id; or the hub cannot be reached (offline) and the id is not in the cache, naming the files;
+        a remote directory that does not exist or cannot be read (`RemotePathError`, naming the
+        URL).
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp()); _ = (d / "config.json").write_text("{}")
     >>> resolve_model_dir(d) == d.resolve()
     True
     """
+    if is_remote(name_or_path):
+        remote = as_path(name_or_path)
+        if not probe(remote, "is_dir"):
+            raise CheckpointError(f"no model directory at {remote}" + (
+                " (it is a file)" if probe(remote) else ""))
+        missing = [name for name in required if not probe(remote / name)]
+        if missing:
+            raise CheckpointError(f"model directory {remote} lacks {', '.join(missing)}")
+        return local_copy(remote, allow_patterns)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _check_required(path.resolve(), required, str(name_or_path))

@@ -18,8 +18,9 @@ import torch
 import transformers
 from flax import nnx
 
+import slim_jax.generate as generate_cli
 from slim_jax.errors import ConfigError
-from slim_jax.generate import PROG, check_positions, main
+from slim_jax.generate import PROG, check_positions, decode_state_bytes, main
 from slim_jax.models.adapter_io import save_adapter_checkpoint
 from slim_jax.models.generate import generate
 from slim_jax.models.llama import Llama
@@ -282,7 +283,22 @@ def test_nonfinite_checkpoint_adapter_is_refused_naming_the_tensor(hf_llama, tmp
 
 def test_a_kv_cache_that_cannot_fit_is_refused_with_its_size(shared_data, capsys):
     err = _one_line_error(capsys, shared_data / STORY, "--max-new-tokens", "1000000000")
-    assert "--max-new-tokens 1000000000 needs a KV cache of 1.3 TB (1000000016 positions)" in err
+    assert ("--max-new-tokens 1000000000 needs a KV cache of 1.3 TB (a 16-position prompt and "
+            "1000000000 new tokens)") in err
+
+
+def test_a_t5_decoding_state_that_cannot_fit_is_refused_with_its_size(hf_t5, capsys,
+                                                                       monkeypatch):
+    """The encoder-decoder's state is measured through the family's `prefill` too: decoder
+    self-attention keys and values of every new token, and the encoder's cross-attention ones."""
+    monkeypatch.setattr(generate_cli, "memory_bytes", lambda: 10**6)  # a 1 MB device
+    err = _one_line_error(capsys, hf_t5, "--prompt", PROMPT, "--max-new-tokens", "100000")
+    # 2 decoder layers x (k, v) x 4 heads x 4 dims x 4 bytes = 256 B per new token, plus the
+    # cross-attention k, v of the 16-position prompt (4 KB), its bool mask and the int32 index.
+    assert (decode_state_bytes(T5.from_pretrained(hf_t5), 3, 100000)
+            == 256 * 100000 + 2 * 2 * 16 * 4 * 4 * 4 + 16 + 4)
+    assert ("--max-new-tokens 100000 needs a KV cache of 25.6 MB (a 16-position prompt and "
+            "100000 new tokens)") in err and "lower --max-new-tokens" in err
 
 
 def test_generation_beyond_the_positions_warns_for_rope_and_fails_otherwise(shared_data, capsys):
@@ -291,6 +307,17 @@ def test_generation_beyond_the_positions_warns_for_rope_and_fails_otherwise(shar
     assert err == (f"{PROG}: warning: the prompt (1 tokens) plus --max-new-tokens 600 = 601 "
                    "positions exceed the model's 512 (max_position_embeddings); its rotary "
                    "positions extrapolate, but text beyond 512 tokens is usually poor\n")
+
+    # A 1,200-word prompt alone is beyond the 512 positions: the same warning, naming its length
+    # (the warning comes before generation, which is replaced here: a 2048-token prefill is slow).
+    import slim_jax.models.generate as library
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(library, "generate", lambda *a, **k: type("G", (), {"texts": ["ok"]}))
+        code, out, err = _cli(capsys, shared_data / STORY, "--prompt", " ".join(["Tom"] * 1200),
+                              "--max-new-tokens", "1")
+    assert code == 0 and out == "ok\n" and err.startswith(f"{PROG}: warning: the prompt (")
+    assert "exceed the model's 512 (max_position_embeddings)" in err and err.count("\n") == 1
 
     class Learned:  # a model with learned absolute positions: nothing beyond them
         config = type("Config", (), {"max_position_embeddings": 512})()

@@ -32,6 +32,10 @@ from typing import Literal
 from experiments.presets.common import ModelSpec
 from slim_jax.errors import ConfigError
 from slim_jax.lorahub.protocol import ProtocolConfig
+from slim_jax.lorahub.upstream import UpstreamConfig
+from slim_jax.nn import LoRAConfig
+from slim_jax.parallel import MeshConfig
+from slim_jax.train import OptimizerConfig, TrainConfig
 
 CPU_TASKS: tuple[str, ...] = (
     "boolean_expressions", "navigate", "sports_understanding", "web_of_lies")
@@ -82,13 +86,28 @@ class UpstreamSpec:
 
     def __post_init__(self) -> None:
         if self.num_modules is not None and self.num_modules < 1:
-            raise ConfigError(f"--upstream.num-modules must be >= 1 or none, got "
-                              f"{self.num_modules}")
-        for name in ("steps", "batch_size", "max_length", "save_every"):
-            if getattr(self, name) < (2 if name == "max_length" else 0 if name == "save_every"
-                                      else 1):
-                raise ConfigError(f"--upstream.{name.replace('_', '-')} is out of range: "
-                                  f"{getattr(self, name)}")
+            raise ConfigError(f"must be >= 1 or none, got {self.num_modules}",
+                              field="num_modules")
+        if self.max_length < 2:
+            raise ConfigError(f"must be >= 2, got {self.max_length}", field="max_length")
+        if self.num_devices < 0:
+            raise ConfigError(f"must be >= 0 (0: all), got {self.num_devices}",
+                              field="num_devices")
+        self.library_config(encoder_decoder=False)  # its checks, named by these fields
+
+    def library_config(self, encoder_decoder: bool) -> UpstreamConfig:
+        """The library's `UpstreamConfig` of these settings. Every field it checks has the
+        same name here, so its `ConfigError`s name this spec's fields."""
+        train = TrainConfig(
+            steps=self.steps, progress=False, save_every=self.save_every,
+            log_every=1, keep_checkpoints=1, async_checkpoint=False,
+            mesh=MeshConfig(data=-1),
+            optimizer=OptimizerConfig(learning_rate=self.learning_rate,
+                                      warmup_steps=self.warmup_steps))
+        return UpstreamConfig(
+            lora=LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout),
+            targets=self.targets, train=train, batch_size=self.batch_size,
+            pack=self.pack and not encoder_decoder, max_examples=self.max_examples)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,6 +111,11 @@ class EvalSpec:
       also_likelihood: in generate mode, also report accuracy by likelihood over the choices
         (`downstream_likelihood`): whether the model ranks the right answer first even where it
         does not write it out.
+      curve_every: when > 0, also measure downstream accuracy and forgetting every this many
+        training steps (and at the last), so each method draws a curve in tradeoff.png; 0: the
+        final point only.
+      curve_examples: the first this many evaluation examples score each curve point (a cheap
+        subset; the final point still uses all); none: all of them.
     """
 
     mode: Literal["generate", "likelihood"] = "generate"
@@ -120,6 +125,8 @@ class EvalSpec:
     batch_size: int = 32
     length_normalized: bool = False
     also_likelihood: bool = True
+    curve_every: int = 0
+    curve_examples: int | None = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +144,32 @@ class DataSpec:
     seq_len: int = 256
     epochs: float = 0.0
     pack: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSpec:
+    """The tuning protocol (experiments/slim_tune.py): the same budget of trials per method,
+    scored on a validation split of the training items; the best setting per method is used for
+    the final runs over every seed.
+
+    Attributes:
+      trials: settings tried per method before the final runs (trial 0: the preset's own); 0
+        turns tuning off.
+      seed: seed of the draws and the one seed every trial trains with.
+      lr_range: learning rates drawn log-uniformly between these two.
+      l1_coeffs: L1 coefficients drawn from (SLIM and its ablations).
+      top_ks: top-k values drawn from (those the method's expert count allows).
+      yield_quantiles: yielding quantiles drawn from (methods that yield).
+      forgetting_weight: a trial's score is validation accuracy minus this times forgetting.
+    """
+
+    trials: int = 0
+    seed: int = 0
+    lr_range: tuple[float, float] = (2e-4, 5e-3)
+    l1_coeffs: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
+    top_ks: tuple[int, ...] = (1, 2, 3)
+    yield_quantiles: tuple[float, ...] = (0.8, 0.9, 0.99)
+    forgetting_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +202,7 @@ class SlimExperiment:
       data: training batches.
       slim: the full SLIM method's adapter; the ablations change single fields of it.
       train: the training run (the same for every method; run_dir is set per run).
+      tune: the tuning protocol run before the final runs (off unless `--tune.trials`).
     """
 
     preset: str = "cpu"
@@ -190,6 +224,7 @@ class SlimExperiment:
     data: DataSpec = DataSpec()
     slim: SlimConfig = dataclasses.field(default_factory=SlimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tune: TuneSpec = TuneSpec()
 
 
 CPU = SlimExperiment(

@@ -22,8 +22,9 @@ import difflib
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
+
+from etils import epath
 
 from slim_jax.data.bbh_tasks import BBH_DESCRIPTIONS, BBH_TASKS
 from slim_jax.data.examples import Example
@@ -148,7 +149,7 @@ def check_task_name(name: str) -> str:
     return name
 
 
-def read_description(path: Path) -> str:
+def read_description(path: epath.Path) -> str:
     """The task description of a `cot-prompts/<task>.txt` file: the line after `-----`."""
     if not path.is_file():
         raise DataError(f"BBH prompt file {path} does not exist (the bbh/ layout has "

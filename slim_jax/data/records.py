@@ -1,4 +1,5 @@
-"""Raw records from local JSON / JSONL files or a Hugging Face hub dataset, validated on entry.
+"""Raw records from JSON / JSONL files (local or remote: `gs://...`, through `slim_jax.paths`) or a
+Hugging Face hub dataset, validated on entry.
 
 Every record must be a JSON object holding each required field as a string. A record that does not
 is reported with where it came from (`train.jsonl line 12`, `test.json index 3`, `hub dataset 'imdb'
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from slim_jax.errors import DataError
+from slim_jax.paths import as_path, is_remote, probe
 
 LOCAL_SUFFIXES = (".json", ".jsonl")
 
@@ -152,8 +156,8 @@ def load_records(
 ) -> Records:
     """Records from a local `.json` / `.jsonl` file, or else from the hub dataset named `source`.
 
-    A `source` that is a `Path`, an existing file, ends in `.json`/`.jsonl`, or starts like a path
-    (`/`, `.`, `~`) is a local file; anything else (`"imdb"`, `"lukaemon/bbh"` with
+    A `source` that is a `Path`, a URL (`gs://...`), an existing file, ends in `.json`/`.jsonl`, or
+    starts like a path (`/`, `.`, `~`) is a file; anything else (`"imdb"`, `"lukaemon/bbh"` with
     `config="snarks"`) names a hub dataset, whose `split` and `config` are then used.
 
     >>> import tempfile, pathlib
@@ -163,8 +167,9 @@ def load_records(
     1
     """
     text = os.fspath(source)
-    path = Path(text).expanduser()
-    local = isinstance(source, Path) or path.is_file() or path.suffix in LOCAL_SUFFIXES
+    path = as_path(text)
+    local = (isinstance(source, Path | epath.Path) or is_remote(text)
+             or path.suffix in LOCAL_SUFFIXES or probe(path, "is_file"))
     if local or text.startswith(("/", ".", "~", os.sep)):
         if path.suffix == ".jsonl":
             return read_jsonl(path, required)
@@ -175,8 +180,8 @@ def load_records(
     return read_hub(text, required, split=split, config=config)
 
 
-def _existing_file(path: str | os.PathLike[str]) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_file():
+def _existing_file(path: str | os.PathLike[str]) -> epath.Path:
+    path = as_path(path)
+    if not probe(path, "is_file"):
         raise DataError(f"data file {path} does not exist")
     return path

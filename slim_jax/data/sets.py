@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from pathlib import Path
+
+from etils import epath
 
 from slim_jax.data.examples import Example
 from slim_jax.data.records import read_json, read_jsonl
@@ -93,7 +94,7 @@ def t0_template_names(data_dir: DataDir = None) -> list[str]:
     return sorted(p.stem for p in root.glob("*.jsonl"))
 
 
-def t0_template_path(name: str, data_dir: DataDir = None) -> Path:
+def t0_template_path(name: str, data_dir: DataDir = None) -> epath.Path:
     """The file of T0 template task `name`; an unknown name is an error suggesting close ones."""
     root = resolve_data_dir(data_dir, required="t0_templates") / "t0_templates"
     path = root / f"{name}.jsonl"

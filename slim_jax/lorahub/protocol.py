@@ -126,28 +126,36 @@ class ProtocolConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in SEARCHES]
-        if unknown:
-            raise ConfigError(f"unknown search method(s) {unknown}; choose from {sorted(SEARCHES)}")
+        for name, methods in (("search", (self.search,)), ("compare", self.compare)):
+            unknown = [m for m in methods if m not in SEARCHES]
+            if unknown:
+                raise ConfigError(f"names unknown search method(s) {unknown}; choose from "
+                                  f"{sorted(SEARCHES)}", field=name)
         bad = [b for b in self.baselines if b not in (*BASELINES, *RUN_BASELINES)]
         if bad:
-            raise ConfigError(f"unknown baseline(s) {bad}; choose from "
-                              f"{[*BASELINES, *RUN_BASELINES]}")
+            raise ConfigError(f"names unknown baseline(s) {bad}; choose from "
+                              f"{[*BASELINES, *RUN_BASELINES]}", field="baselines")
         if self.objective_mode not in LOSS_MODES:
-            raise ConfigError(f"objective_mode must be one of {LOSS_MODES}, got "
-                              f"{self.objective_mode!r}")
-        if self.k < 1:
-            raise ConfigError(f"k (ADAPT examples) must be >= 1, got {self.k}")
+            raise ConfigError(f"must be one of {LOSS_MODES}, got {self.objective_mode!r}",
+                              field="objective_mode")
+        for name in ("k", "budget", "runs", "modules_per_run", "max_length", "max_new_tokens",
+                     "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
         for method in self.methods:  # a budget below a start's cost: named before any work
             if SEARCHES[method].start is not None:
-                check_budget(self.budget, self.modules_per_run, self.population_size,
-                             SEARCHES[method].start)
-        if self.budget < 1 or self.runs < 1 or self.modules_per_run < 1:
-            raise ConfigError("budget, runs and modules_per_run must be >= 1, got "
-                              f"{self.budget}, {self.runs}, {self.modules_per_run}")
+                try:
+                    check_budget(self.budget, self.modules_per_run, self.population_size,
+                                 SEARCHES[method].start)
+                except ConfigError as err:
+                    raise ConfigError(f"is too small for {method!r}: {err}",
+                                      field="budget") from err
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"must be >= 1 or None (all K), got {self.batch_size}",
+                              field="batch_size")
         if self.max_test_examples is not None and self.max_test_examples < 1:
-            raise ConfigError(f"max_test_examples must be >= 1 or None, got "
-                              f"{self.max_test_examples}")
+            raise ConfigError(f"must be >= 1 or None, got {self.max_test_examples}",
+                              field="max_test_examples")
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -225,8 +233,15 @@ def run_bbh_task(
     config: ProtocolConfig = ProtocolConfig(),
     *,
     progress: Progress | None = None,
+    done: TaskResult | None = None,
+    save: Callable[[TaskResult], None] | None = None,
 ) -> TaskResult:
     """LoRAHub on one BBH task: baselines, then every draw's baselines and searches.
+
+    Resumable by units of task x run: `save` gets the result so far after the task's baselines
+    and after each run; given back as `done`, those parts are kept and not redone (each run's
+    searches are seeded by its index, so the rest, and the whole result, equal an uninterrupted
+    call's).
 
     Args:
       task: from `slim_jax.data.load_bbh`.
@@ -236,11 +251,15 @@ def run_bbh_task(
       modules: every module a draw names, by name.
       draws: the module names of each run (`module_draws`).
       config: the protocol's settings.
-      progress: called with a short label after each step (a progress bar's update).
+      progress: called with a short label after each step (a progress bar's update); also for
+        the steps `done` already holds.
+      done: the last result `save` got from an interrupted call on this task with the same
+        draws and config: its baselines and finished runs are kept.
+      save: called with the result so far (the runs finished) after each unit.
 
     Raises:
       ConfigError: K larger than the task's examples (naming the task), a draw naming a module
-        not in `modules`.
+        not in `modules`, `done` of another task or other draws.
       LibraryError: modules that cannot be composed (naming the odd one).
     """
     note = progress or (lambda label: None)
@@ -254,16 +273,23 @@ def run_bbh_task(
     answer = _answerer(tokenizer, config, targets)
     zero_shot_prompts = [task.prompt(e.input) for e in test]
 
-    baselines: dict[str, float] = {}
+    if done is not None and done.task != task.name:
+        raise ConfigError(f"done holds task {done.task!r}, not {task.name!r}")
+    baselines: dict[str, float] = dict(done.baselines) if done is not None else {}
     shown: list[dict[str, str]] = [{"prompt": p, "target": t}
                                    for p, t in zip(zero_shot_prompts[:SHOWN], targets[:SHOWN],
                                                    strict=False)]
-    if "zero_shot" in config.baselines:
+    if done is not None:  # the baselines are its first unit
+        shown = done.examples
+        for label, key in (("zero-shot", "zero_shot"), ("in-context", "icl")):
+            if key in config.baselines:
+                note(label)
+    if done is None and "zero_shot" in config.baselines:
         baselines["zero_shot"], said = answer(model, zero_shot_prompts)
         for record, text in zip(shown, said, strict=False):
             record["zero_shot"] = text
         note("zero-shot")
-    if "icl" in config.baselines:
+    if done is None and "icl" in config.baselines:
         baselines["icl"], said = answer(model, [task.icl_prompt(adapt, e.input) for e in test])
         for record, text in zip(shown, said, strict=False):
             record["icl"] = text
@@ -271,8 +297,16 @@ def run_bbh_task(
 
     layout = objective_layout(model, tokenizer, config.max_length)
     examples = task.as_examples(adapt)
-    runs = []
+    runs = list(done.runs) if done is not None else []
+    if save is not None and done is None:
+        save(TaskResult(task.name, len(adapt), len(test), baselines, [], shown))
     for run, names in enumerate(draws, start=1):
+        if run <= len(runs):  # finished before: kept
+            if runs[run - 1].modules != list(names):
+                raise ConfigError(f"done's run {run} composes other modules than its draw")
+            for name in runs[run - 1].scores:
+                note(f"run {run} {name}")
+            continue
         missing = [n for n in names if n not in modules]
         if missing:
             raise ConfigError(f"run {run} draws modules that were not loaded: {missing[:5]}")
@@ -286,6 +320,8 @@ def run_bbh_task(
             result.answers[name] = said[:SHOWN]
             note(f"run {run} {name}")
         runs.append(result)
+        if save is not None:
+            save(TaskResult(task.name, len(adapt), len(test), baselines, list(runs), shown))
     return TaskResult(task.name, len(adapt), len(test), baselines, runs, shown)
 
 

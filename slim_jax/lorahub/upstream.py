@@ -106,12 +106,15 @@ class UpstreamConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"must be >= 1, got {self.batch_size}", field="batch_size")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"must be >= 1 or None (all), got {self.max_examples}",
+                              field="max_examples")
         try:
             re.compile(self.targets)
         except re.error as err:
-            raise ConfigError(f"targets {self.targets!r} is not a regular expression: "
-                              f"{err}") from err
+            raise ConfigError(f"{self.targets!r} is not a regular expression: {err}",
+                              field="targets") from err
 
 
 def prepare_model(model: nnx.Module, config: UpstreamConfig) -> list[str]:

@@ -61,6 +61,7 @@ from slim_jax.nn.spec import config_json, parse_spec
 from slim_jax.nn.stack import has_stacks, per_layer, per_layer_view
 from slim_jax.parallel.rules import DEFAULT_RULES, Rules
 from slim_jax.parallel.sharding import shard, tree_shardings
+from slim_jax.paths import is_remote, local_copy
 
 ADAPTERS_ITEM, STATE_ITEM = "adapters", "state"
 """The items of `Trainer.checkpoint_items` that inference needs (not the optimiser)."""
@@ -121,6 +122,8 @@ def find_adapter(path: PathLike, *, allow_pickle: bool = False) -> AdapterSource
     >>> find_adapter(folder).format
     'peft'
     """
+    if is_remote(path):  # gs://...: detected and read in its local copy (slim_jax.paths)
+        path = local_copy(path)
     raw, path = str(path), Path(path).expanduser()
     if not path.exists() and _HUB_ID.match(raw):
         patterns = ("*.json", "*.safetensors", *(("*.bin",) if allow_pickle else ()))

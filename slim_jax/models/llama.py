@@ -50,6 +50,7 @@ from slim_jax.models.layers import (
 )
 from slim_jax.nn.stack import LayerStack
 from slim_jax.parallel.rules import DEFAULT_RULES, Rules
+from slim_jax.parallel.sharding import constrain
 from slim_jax.tokenizer import Tokenizer
 
 HF_MODEL_TYPES = llama_hf.HF_MODEL_TYPES
@@ -192,9 +193,12 @@ class LlamaAttention(nnx.Module):
         """`x: [b, s, d]`, `mask: [b, s, t]` (True = may attend); `kv`: this layer's cache, written
         at slot `start`. Returns `[b, s, d]` and the updated cache (None without one)."""
         b, s, _ = x.shape
+        x = constrain(x, ("batch", "length", None))  # under a mesh: batch split, heads on tensor
         q = self.q_proj(x).reshape(b, s, self.num_kv_heads * self.groups, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        q = constrain(q, ("batch", "length", "heads", None))
+        k, v = (constrain(t, ("batch", "length", "kv_heads", None)) for t in (k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = write_kv(kv[0], k, start), write_kv(kv[1], v, start)
@@ -215,7 +219,9 @@ class LlamaMLP(nnx.Module):
         self.down_proj = _linear(cfg, f, d, ("mlp", "embed"), bias, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        x = constrain(x, ("batch", "length", None))  # under a mesh: batch split, mlp on tensor
+        h = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("batch", "length", "mlp"))
+        return self.down_proj(h)
 
 
 class LlamaDecoderLayer(nnx.Module):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+from etils import epath
 
 from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.hub import resolve_model_dir
@@ -32,6 +33,7 @@ from slim_jax.models.hf import read_config
 from slim_jax.models.llama import Llama
 from slim_jax.models.llama2c import load_llama2c
 from slim_jax.models.registry import family_of
+from slim_jax.paths import as_path, is_remote, local_copy, probe
 from slim_jax.tokenizer import HFTokenizer, Tokenizer
 
 LLAMA2C_TOKENIZER = "tokenizer.bin"
@@ -58,9 +60,11 @@ def load_model(
       name_or_path: a model directory (`config.json` + safetensors, a `model_type` of
         `registry.model_types()`: llama, qwen2, t5, mt5, ...), a hub id (fetched, or read from
         the local cache when offline), or a llama2.c checkpoint file (`.bin`, version 1 or
-        legacy export).
+        legacy export). Directories and files may be remote (`gs://bucket/model`): they are
+        copied into the local cache first (`slim_jax.paths.local_copy`).
       tokenizer: the tokenizer to use instead of the model's: a Hugging Face tokenizer directory or
-        hub id, or a llama2.c `tokenizer.bin` (default: the one beside the checkpoint).
+        hub id, or a llama2.c `tokenizer.bin` (default: the one beside the checkpoint); local or
+        remote.
       dtype: compute dtype (`"float32"`, `"bfloat16"`, ...).
       param_dtype: storage dtype of the weights; None stores them in `dtype`.
       allow_pickle: accept `pytorch_model.bin` / `.pt` weights in a Hugging Face directory (a
@@ -77,6 +81,8 @@ def load_model(
       ConfigError: an architecture slim_jax does not implement (naming the supported ones).
     """
     param_dtype = dtype if param_dtype is None else param_dtype
+    if is_remote(name_or_path) and probe(as_path(name_or_path), "is_file"):
+        return _load_llama2c_file(as_path(name_or_path), tokenizer, dtype, param_dtype)
     path = Path(name_or_path).expanduser()
     if path.is_file():
         if config_overrides:
@@ -98,8 +104,10 @@ def load_model(
     return model, HFTokenizer(directory if tokenizer is None else tokenizer)
 
 
-def _load_llama2c_file(path: Path, tokenizer: PathLike | None, dtype: Any, param_dtype: Any
-                       ) -> tuple[Llama, Tokenizer]:
+def _load_llama2c_file(path: Path | epath.Path, tokenizer: PathLike | None, dtype: Any,
+                       param_dtype: Any) -> tuple[Llama, Tokenizer]:
+    """A llama2.c checkpoint file (local or remote: remote files are read from the local cache,
+    `slim_jax.paths.local_copy`) and its tokenizer."""
     with path.open("rb") as f:
         head = f.read(4)
     if head.startswith(_TORCH_MAGICS):
@@ -108,8 +116,9 @@ def _load_llama2c_file(path: Path, tokenizer: PathLike | None, dtype: Any, param
                               "only if you trust its source)")
     if tokenizer is None:
         tokenizer = path.with_name(LLAMA2C_TOKENIZER)
-        if not tokenizer.is_file():
+        if not probe(tokenizer, "is_file"):
             raise CheckpointError(f"no {LLAMA2C_TOKENIZER} beside the llama2.c checkpoint {path}: "
                                   "name its tokenizer file explicitly")
-    return load_llama2c(path, tokenizer, dtype=dtype, param_dtype=param_dtype)
+    return load_llama2c(local_copy(path), local_copy(tokenizer), dtype=dtype,
+                        param_dtype=param_dtype)
 

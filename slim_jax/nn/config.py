@@ -30,16 +30,17 @@ def _check_dtype(name: str, value: DType | None, *, optional: bool) -> None:
     except TypeError:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ConfigError(f"{name} must be a floating dtype such as 'float32', got {value!r}")
+        raise ConfigError(f"must be a floating dtype such as 'float32', got {value!r}", field=name)
 
 
 def _check_lora_fields(cfg: LoRAConfig | SlimConfig) -> None:
     if not isinstance(cfg.rank, int) or cfg.rank < 1:
-        raise ConfigError(f"rank must be an integer >= 1, got {cfg.rank!r}")
+        raise ConfigError(f"must be an integer >= 1, got {cfg.rank!r}", field="rank")
     if not cfg.alpha > 0:
-        raise ConfigError(f"alpha must be > 0, got {cfg.alpha!r}")
+        raise ConfigError(f"must be > 0, got {cfg.alpha!r}", field="alpha")
     if cfg.init_a not in INIT_A_METHODS:
-        raise ConfigError(f"init_a must be one of {INIT_A_METHODS}, got {cfg.init_a!r}")
+        raise ConfigError(f"must be one of {', '.join(INIT_A_METHODS)}, got {cfg.init_a!r}",
+                          field="init_a")
     _check_dtype("param_dtype", cfg.param_dtype, optional=False)
     _check_dtype("dtype", cfg.dtype, optional=True)
 
@@ -72,7 +73,7 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         _check_lora_fields(self)
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"must be in [0, 1), got {self.dropout!r}", field="dropout")
 
     @property
     def scale(self) -> float:
@@ -145,50 +146,49 @@ class SlimConfig:
     def __post_init__(self) -> None:
         _check_lora_fields(self)
         if not isinstance(self.num_lora_experts, int) or self.num_lora_experts < 1:
-            raise ConfigError(f"num_lora_experts must be an integer >= 1, got "
-                              f"{self.num_lora_experts!r}")
+            raise ConfigError(f"must be an integer >= 1, got {self.num_lora_experts!r}",
+                              field="num_lora_experts")
         if not isinstance(self.num_identity_experts, int) or self.num_identity_experts < 0:
-            raise ConfigError(f"num_identity_experts must be an integer >= 0, got "
-                              f"{self.num_identity_experts!r}")
+            raise ConfigError(f"must be an integer >= 0, got {self.num_identity_experts!r}",
+                              field="num_identity_experts")
         if not self.dense_routing and not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(
-                f"top_k must be between 1 and the number of experts num_lora_experts + "
-                f"num_identity_experts = {self.num_experts}, got {self.top_k} "
-                "(or set dense_routing=True)"
-            )
+                f"must be between 1 and the number of experts (LoRA plus identity experts: "
+                f"{self.num_experts}), got {self.top_k} (or turn dense routing on)", field="top_k")
         if self.router_init_std < 0:
-            raise ConfigError(f"router_init_std must be >= 0, got {self.router_init_std!r}")
+            raise ConfigError(f"must be >= 0, got {self.router_init_std!r}",
+                              field="router_init_std")
         if self.yielding and self.num_identity_experts == 0:
             raise ConfigError(
-                "yielding=True needs identity experts to yield to, but num_identity_experts=0; "
-                "set yielding=False for the no-identity ablation"
-            )
+                "must be >= 1 while yielding is on (tokens yield to identity experts); turn "
+                "yielding off for the no-identity ablation", field="num_identity_experts")
         if not isinstance(self.num_clusters, int) or self.num_clusters < 1:
-            raise ConfigError(f"num_clusters must be an integer >= 1, got {self.num_clusters!r}")
+            raise ConfigError(f"must be an integer >= 1, got {self.num_clusters!r}",
+                              field="num_clusters")
         if not 0.0 <= self.momentum <= 1.0:
-            raise ConfigError(f"momentum must be in [0, 1], got {self.momentum!r}")
+            raise ConfigError(f"must be in [0, 1], got {self.momentum!r}", field="momentum")
         if not self.yield_strength >= 0:
-            raise ConfigError(f"yield_strength must be >= 0, got {self.yield_strength!r}")
+            raise ConfigError(f"must be >= 0, got {self.yield_strength!r}",
+                              field="yield_strength")
         if not 0.0 <= self.yield_threshold < float("inf"):
             raise ConfigError(
-                f"yield_threshold must be a finite number >= 0 (standard deviations beyond "
-                f"which a token yields; the spec's is 1.0), got {self.yield_threshold!r}"
-            )
+                f"must be a finite number >= 0 (standard deviations beyond which a token "
+                f"yields; the spec's is 1.0), got {self.yield_threshold!r}",
+                field="yield_threshold")
         if self.yield_quantile is not None and not 0.0 < self.yield_quantile < 1.0:
             raise ConfigError(
-                f"yield_quantile must be None (the fixed yield_threshold) or in (0, 1) (the "
-                f"share of in-domain tokens that do not yield), got {self.yield_quantile!r}"
-            )
+                f"must be None (the fixed yield threshold) or in (0, 1) (the share of in-domain "
+                f"tokens that do not yield), got {self.yield_quantile!r}", field="yield_quantile")
         if not self.cluster_eps > 0:
-            raise ConfigError(f"cluster_eps must be > 0, got {self.cluster_eps!r}")
+            raise ConfigError(f"must be > 0, got {self.cluster_eps!r}", field="cluster_eps")
         if not self.cluster_sigma_floor >= 0:
-            raise ConfigError(f"cluster_sigma_floor must be >= 0 (a fraction of the layer's "
-                              f"typical standard deviation), got {self.cluster_sigma_floor!r}")
+            raise ConfigError(f"must be >= 0 (a fraction of the layer's typical standard "
+                              f"deviation), got {self.cluster_sigma_floor!r}",
+                              field="cluster_sigma_floor")
         if not 0.0 <= self.dropmerge_p < 1.0:
             raise ConfigError(
-                f"dropmerge_p must be in [0, 1) (the fraction of the delta dropped), got "
-                f"{self.dropmerge_p!r}"
-            )
+                f"must be in [0, 1) (the fraction of the delta dropped), got {self.dropmerge_p!r}",
+                field="dropmerge_p")
 
     @property
     def num_experts(self) -> int:

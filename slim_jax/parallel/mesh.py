@@ -40,6 +40,17 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self) -> None:
+        for name in AXES:
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, int) or size == 0 or size < -1:
+                raise MeshError(f"must be a positive integer, or -1 for the devices the other "
+                                f"axes leave; got {size!r}", field=name)
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sizes.count(-1) > 1:
+            raise MeshError(f"mesh sizes (data, fsdp, tensor) = {sizes}: at most one may be -1 "
+                            "(take the remaining devices)")
+
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         """The concrete `(data, fsdp, tensor)` sizes for `num_devices` devices.
 
@@ -47,11 +58,6 @@ class MeshConfig:
         (4, 2, 1)
         """
         sizes = (self.data, self.fsdp, self.tensor)
-        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-            raise MeshError(
-                f"mesh sizes (data, fsdp, tensor) = {sizes}: each must be a positive integer, and "
-                "at most one may be -1 (take the remaining devices)"
-            )
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:

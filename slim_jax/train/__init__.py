@@ -4,10 +4,12 @@ Files, one job each: `config` (dataclasses), `optimizer` (AdamW, warm-up + cosin
 `loss` (target cross-entropy), `forward` (logits with SLIM token masks), `state` (TrainState,
 splitting the model), `step` (one update under `jax.jit`), `trainer` (the `Trainer`: sharded
 state, step, save/restore), `loop` (the fit loop), `metrics` (MFU, JSONL), `progress` (bar),
-`plot` (loss curve), `preemption` (stop signals: SIGTERM, SIGINT, SLURM's SIGUSR1).
+`plot` (loss curve), `evaluation` (measuring along training), `preemption` (stop signals:
+SIGTERM, SIGINT, SLURM's SIGUSR1).
 """
 
 from slim_jax.train.config import OptimizerConfig, TrainConfig
+from slim_jax.train.evaluation import EvaluateFn, Periodic
 from slim_jax.train.forward import masked_batch_logits
 from slim_jax.train.loop import (
     NonFiniteLossError,
@@ -25,9 +27,11 @@ from slim_jax.train.step import StepDefinition, compile_train_step, train_step
 from slim_jax.train.trainer import Trainer
 
 __all__ = [
+    "EvaluateFn",
     "MetricsLog",
     "NonFiniteLossError",
     "OptimizerConfig",
+    "Periodic",
     "PreemptionGuard",
     "ResumableBatches",
     "StepDefinition",

@@ -35,19 +35,22 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise ConfigError(f"must be > 0, got {self.learning_rate}", field="learning_rate")
         if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"must be >= 0, got {self.warmup_steps}", field="warmup_steps")
         if not 0 <= self.final_lr_ratio <= 1:
-            raise ConfigError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+            raise ConfigError(f"must be in [0, 1], got {self.final_lr_ratio}",
+                              field="final_lr_ratio")
         if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
-            raise ConfigError(
-                f"need 0 <= b1, b2 < 1 and eps > 0, got b1={self.b1}, b2={self.b2}, eps={self.eps}"
-            )
+            raise ConfigError(f"must be >= 0, got {self.weight_decay}", field="weight_decay")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"must be in [0, 1), got {getattr(self, name)}", field=name)
+        if not self.eps > 0:
+            raise ConfigError(f"must be > 0, got {self.eps}", field="eps")
         if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ConfigError(f"clip_norm must be > 0 or None (off), got {self.clip_norm}")
+            raise ConfigError(f"must be > 0 or None (off), got {self.clip_norm}",
+                              field="clip_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,18 +95,12 @@ class TrainConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.grad_accum_steps < 1:
-            raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        for name, least in (("steps", 1), ("grad_accum_steps", 1), ("log_every", 1),
+                            ("save_every", 0), ("keep_checkpoints", 1)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"must be >= {least}, got {getattr(self, name)}", field=name)
         if self.l1_coeff < 0:
-            raise ConfigError(f"l1_coeff must be >= 0, got {self.l1_coeff}")
+            raise ConfigError(f"must be >= 0, got {self.l1_coeff}", field="l1_coeff")
         if self.frozen_dtype not in FROZEN_DTYPES:
-            raise ConfigError(
-                f"frozen_dtype {self.frozen_dtype!r} is not one of {FROZEN_DTYPES}"
-            )
-        if self.log_every < 1 or self.save_every < 0 or self.keep_checkpoints < 1:
-            raise ConfigError(
-                "need log_every >= 1, save_every >= 0 and keep_checkpoints >= 1, got "
-                f"{self.log_every}, {self.save_every}, {self.keep_checkpoints}"
-            )
+            raise ConfigError(f"must be one of {', '.join(FROZEN_DTYPES)}, got "
+                              f"{self.frozen_dtype!r}", field="frozen_dtype")

@@ -20,7 +20,8 @@ from etils import epath
 
 from slim_jax.checkpoint import Checkpointer
 from slim_jax.errors import SlimJaxError
-from slim_jax.train.metrics import MetricsLog, batch_tokens, mfu
+from slim_jax.train.evaluation import Periodic
+from slim_jax.train.metrics import MetricsLog, batch_tokens, mfu, read_metrics
 from slim_jax.train.plot import plot_loss
 from slim_jax.train.preemption import PreemptionGuard
 from slim_jax.train.progress import Progress
@@ -74,6 +75,8 @@ class TrainResult:
       signal: the signal that stopped a "preempted" run ("SIGTERM", "SIGINT", "SIGUSR1").
       steps: the steps the run was asked for (`config.steps`).
       checkpoint_dir: where the checkpoints are, or None without checkpoints.
+      evals: with `fit(..., evaluate=...)`, one record per evaluated step (`{"step": ...,
+        **values}`), those of earlier runs of a resumed run included when they are on disk.
     """
 
     stopped: Stop
@@ -83,6 +86,7 @@ class TrainResult:
     signal: str | None = None
     steps: int | None = None
     checkpoint_dir: str | None = None
+    evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def summary(self, what: str = "training") -> str:
         """One line saying how the run ended and what is saved.
@@ -133,7 +137,7 @@ class _Loop:
     """The state of one `run`: where to save, what to log, what happened."""
 
     def __init__(self, trainer: Trainer, batches: Iterator[HostBatch],
-                 ckpt: Checkpointer | None) -> None:
+                 ckpt: Checkpointer | None, evaluate: Periodic | None = None) -> None:
         cfg = trainer.config
         self.trainer, self.batches, self.ckpt = trainer, batches, ckpt
         self.resumable = isinstance(batches, ResumableBatches)
@@ -141,6 +145,11 @@ class _Loop:
         self.leader = trainer.info.is_leader
         self.metrics_log = MetricsLog(
             self.run_dir / "metrics.jsonl" if self.run_dir is not None and self.leader else None)
+        self.evaluate = evaluate
+        self.evals_log = MetricsLog(
+            self.run_dir / evaluate.file
+            if evaluate is not None and self.run_dir is not None and self.leader else None)
+        self.evals: list[dict[str, Any]] = []
         self.progress = Progress(cfg.steps, enabled=False)
         self.history: list[dict[str, Any]] = []
         self.last_saved: int | None = None
@@ -155,6 +164,7 @@ class _Loop:
         metrics of later steps (written before a kill), so that no step is logged twice."""
         if self.ckpt is None or self.ckpt.latest_step() is None:
             self.metrics_log.truncate(self.trainer.step)
+            self.resume_evals()
             return
         meta = self.trainer.restore(self.ckpt)
         self.last_saved = self.trainer.step
@@ -165,6 +175,31 @@ class _Loop:
             log.warning("resumed at step %d, but the batches cannot be positioned: the data "
                         "starts from its beginning", self.trainer.step)
         self.metrics_log.truncate(self.trainer.step)
+        self.resume_evals()
+
+    def resume_evals(self) -> None:
+        """Keep the evaluations of steps up to the restored one (later ones are redone), and
+        evaluate the restored step if it is due and missing (stopped before its evaluation)."""
+        if self.evaluate is None:
+            return
+        step = self.trainer.step
+        self.evals_log.truncate(step)
+        path = self.evals_log.path
+        if path is not None and path.exists():
+            self.evals = [r for r in read_metrics(path) if int(r["step"]) <= step]
+        if (self.evaluate.due(step, self.trainer.config.steps)
+                and all(int(r["step"]) != step for r in self.evals)):
+            self.run_evaluation()
+
+    def run_evaluation(self) -> None:
+        """Measure the model of the current step and record it (every process measures: the
+        model is sharded; process 0 writes)."""
+        assert self.evaluate is not None
+        step = self.trainer.step
+        values = self.evaluate.fn(self.trainer.model(), step)
+        record: dict[str, Any] = {"step": step, **{k: float(v) for k, v in values.items()}}
+        self.evals_log.write(record)
+        self.evals.append(record)
 
     def save(self) -> None:
         if self.ckpt is not None and self.trainer.save(self.ckpt, self.position()):
@@ -245,10 +280,14 @@ class _Loop:
             pending = _Pending(trainer.step, metrics, before, local, tokens)
             preempted = guard.reached(trainer.step)
             due = cfg.save_every > 0 and trainer.step % cfg.save_every == 0
-            if preempted or due or trainer.step == cfg.steps:
+            evaluate = self.evaluate is not None and self.evaluate.due(trainer.step, cfg.steps)
+            if preempted or due or evaluate or trainer.step == cfg.steps:
                 self.finish(pending)  # never save a step before knowing it is finite
                 pending = None
-                self.save()
+                if preempted or due or trainer.step == cfg.steps:
+                    self.save()
+            if evaluate and not preempted:  # a stop is not delayed: the resumed run does it
+                self.run_evaluation()
             if preempted:
                 log.warning("%s: saved step %d and stopped", guard.signal_name,
                             trainer.step)
@@ -267,6 +306,7 @@ def run(
     *,
     checkpointer: Checkpointer | None = None,
     resume: bool = True,
+    evaluate: Periodic | None = None,
 ) -> TrainResult:
     """Train `trainer` on `batches` until its `config.steps`, the end of the data, or SIGTERM.
 
@@ -279,7 +319,7 @@ def run(
         ckpt = Checkpointer(epath.Path(cfg.run_dir) / "checkpoints", keep=cfg.keep_checkpoints,
                             async_save=cfg.async_checkpoint)
     try:
-        loop = _Loop(trainer, batches, ckpt)
+        loop = _Loop(trainer, batches, ckpt, evaluate)
         with loop.guard:  # a stop signal during the restore stops after the first step
             if resume:
                 loop.resume()
@@ -294,7 +334,8 @@ def run(
             os.kill(os.getpid(), signal.Signals[loop.guard.signal_name])
         return TrainResult(stopped, trainer.step, loop.history, loop.last_saved,
                            loop.guard.signal_name if stopped == "preempted" else None,
-                           cfg.steps, None if ckpt is None else str(ckpt.directory))
+                           cfg.steps, None if ckpt is None else str(ckpt.directory),
+                           loop.evals)
     finally:
         if own and ckpt is not None:
             ckpt.close()

@@ -58,6 +58,33 @@ class StepDefinition:
     micro_steps: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshJit:
+    """A jitted function traced, lowered and called with its mesh set (`jax.set_mesh`).
+
+    `jax.set_mesh` works only outside `jax.jit`, and the mesh in context is part of what a jit
+    traces, so both the call and `lower` enter it. Inside, the models' activation constraints
+    (`slim_jax.parallel.constrain`, by logical axis) see the mesh and take effect; without it
+    they are inert.
+
+    Attributes:
+      fn: the `jax.jit`-wrapped function.
+      mesh: the device mesh of its shardings.
+    """
+
+    fn: Any
+    mesh: Mesh
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args: Any) -> Any:
+        """`fn.lower(*args)` under the mesh (ahead-of-time compilation: `.compile()` it)."""
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
+
+
 def _select(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -144,8 +171,9 @@ def compile_train_step(
     frozen: nnx.State,
     mesh: Mesh,
     rules: Rules = DEFAULT_RULES,
-) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` under `jax.jit` with explicit in/out shardings and the state donated.
+) -> MeshJit:
+    """`train_step` under `jax.jit` with explicit in/out shardings and the state donated, traced
+    and called under `jax.set_mesh(mesh)` (`MeshJit`) so the model's activation constraints apply.
 
     The state and frozen shardings come from the variables' logical axes (`tree_shardings`); the
     batch is split along dimension 0 over the batch mesh axes; metrics are replicated. The state's
@@ -159,6 +187,7 @@ def compile_train_step(
 
     Returns:
       `step(state, frozen, batch) -> (state, metrics)`; `state` must not be used after the call.
+      `step.lower(state, frozen, batch)` lowers it ahead of time (abstract arguments allowed).
 
     >>> import optax
     >>> from slim_jax.parallel import MeshConfig, make_mesh
@@ -190,9 +219,9 @@ def compile_train_step(
     def step(state: TrainState, frozen: nnx.State, batch: Batch):
         return train_step(definition, state, frozen, batch, micro_sharding)
 
-    return jax.jit(
+    return MeshJit(jax.jit(
         step,
         in_shardings=(state_sharding, frozen_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
-    )
+    ), mesh)

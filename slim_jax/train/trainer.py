@@ -40,6 +40,7 @@ from slim_jax.parallel import (
 )
 from slim_jax.parallel.topology import peak_flops_per_device
 from slim_jax.train.config import TrainConfig
+from slim_jax.train.evaluation import Periodic
 from slim_jax.train.forward import masked_batch_logits
 from slim_jax.train.loop import TrainResult, run
 from slim_jax.train.metrics import count_params, training_flops_per_token
@@ -70,7 +71,9 @@ class Trainer:
     The model is split into trained adapters, the frozen base (cast to `config.frozen_dtype`) and
     mutable state (cluster statistics, RNG streams); all three and the optimiser state are placed
     on the mesh by their logical axes, and one jitted step (explicit in/out shardings, donated
-    state) updates them. The given model is left as it was; `trainer.model()` is the trained one.
+    state; traced and run under `jax.set_mesh(mesh)`, so the model's activation constraints,
+    `slim_jax.parallel.constrain`, take effect) updates them. The given model is left as it
+    was; `trainer.model()` is the trained one.
     For a base larger than one device, build the model with `slim_jax.parallel.create_sharded`
     (or on the host) so that no device ever holds it whole.
 
@@ -197,6 +200,7 @@ class Trainer:
         *,
         checkpointer: Checkpointer | None = None,
         resume: bool = True,
+        evaluate: Periodic | None = None,
     ) -> TrainResult:
         """Train until `config.steps` updates, the end of the data, or a stop signal.
 
@@ -214,10 +218,13 @@ class Trainer:
             BatchIterator`) also has its position checkpointed and restored.
           checkpointer: where to save; default `<run_dir>/checkpoints` (none without run_dir).
           resume: restore the newest checkpoint first, if any.
+          evaluate: measure the model along training (`slim_jax.train.evaluation.Periodic`:
+            every k steps and at the last; records in `<run_dir>/evals.jsonl` and
+            `result.evals`); a curve point equals evaluating that step's checkpoint.
 
         Raises:
           NonFiniteLossError: a step's loss or gradient norm was NaN/inf. The message names the
             step and its batch (data position; the batch is saved into run_dir); the update was
             not applied and the checkpoints already written are kept.
         """
-        return run(self, batches, checkpointer=checkpointer, resume=resume)
+        return run(self, batches, checkpointer=checkpointer, resume=resume, evaluate=evaluate)

@@ -109,3 +109,17 @@ def test_each_command_help_is_short_and_lists_each_flag_once(module):
     assert all("_" not in flag for flag in flags)
     assert all(line.split("  ", 2)[-1].strip()[0] != "[" for line in lines
                if line.startswith("  --"))  # every field has a sentence of its own
+
+
+def test_library_argument_names_in_errors_become_the_commands_flags(capsys):
+    from experiments.cli import run_command
+    from slim_jax.errors import CheckpointError
+
+    def run(config, args, stop):
+        raise CheckpointError("m/adapter_model.bin is a pickle; pass allow_pickle=True if trusted")
+
+    flags = {"allow_pickle=True": "--modules.allow-pickle"}
+    assert run_command("demo", [], lambda args: None, run, flags=flags) == 2
+    err = capsys.readouterr().err
+    assert err == ("demo: error: m/adapter_model.bin is a pickle; pass --modules.allow-pickle "
+                   "if trusted\n")

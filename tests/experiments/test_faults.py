@@ -31,7 +31,7 @@ SLIM = ["--methods", "lora", "--seeds", "0,1,2", "--workers", "2", "--train.step
 MODULES = ["--upstream.num-modules", "2", "--upstream.steps", "8", "--upstream.save-every", "2",
            "--upstream.max-length", "48", "--upstream.batch-size", "2", "--upstream.num-devices",
            "1", "--progress", "false"]
-BBH = ["--bbh.tasks", "navigate,web_of_lies", "--protocol.runs", "1",
+BBH = ["--bbh.tasks", "navigate,web_of_lies", "--protocol.runs", "2",
        "--protocol.modules-per-run", "2", "--protocol.max-test-examples", "2",
        "--protocol.max-new-tokens", "2", "--protocol.max-length", "64", "--protocol.budget", "8",
        "--protocol.population-size", "4", "--progress", "false"]
@@ -168,8 +168,9 @@ def test_slim_finetune_slurm_requeue_sigkill_and_ctrl_c(data, tmp_path):
 @pytest.mark.slow
 def test_train_lora_modules_and_lorahub_bbh_tpu_preemption(data, tmp_path):
     """Module training stopped by SIGTERM and by SIGKILL resumes to the same modules; lorahub_bbh
-    launched as `launch/tpu_pod.sh` runs it on each host, pre-empted (SIGTERM) after its first
-    task, resumes without redoing that task and ends with the uninterrupted table."""
+    launched as `launch/tpu_pod.sh` runs it on each host, pre-empted (SIGTERM) after the first
+    run of its first task, resumes inside that task without redoing the run and ends with the
+    uninterrupted table."""
     rng = random.Random(7)
     ref_modules = tmp_path / "ref_modules"
     Run(command("experiments.train_lora_modules", *MODULES, *data, "--out", str(ref_modules)),
@@ -211,13 +212,19 @@ def test_train_lora_modules_and_lorahub_bbh_tpu_preemption(data, tmp_path):
     # One host, no pod to join here: the same python command without the auto-join variable.
     host = [sys.executable, *words[words.index("python") + 1:]]
     first = Run(host, tmp_path / "b1.log")
-    first.wait_for(lambda: (out / "tasks/navigate.json").is_file(), "the first task")
-    finished = (out / "tasks/navigate.json").stat().st_mtime_ns
+    partial = out / "tasks/navigate.partial.json"  # units of task x run, written atomically
+    runs_saved = lambda: json.loads(partial.read_text())["runs"] if partial.is_file() else []
+    first.wait_for(lambda: len(runs_saved()) == 1, "the first run of the first task")
     assert first.signal(signal.SIGTERM) == 128 + signal.SIGTERM
-    assert "1 of 2 tasks finished" in stop_line(tmp_path / "b1.log")
+    line = stop_line(tmp_path / "b1.log")
+    assert "0 of 2 tasks finished" in line and "navigate at run 1 of 2" in line
+    kept = runs_saved()[0]
     text = Run(host, tmp_path / "b2.log").finish()
-    assert "resuming: 1 of 2 tasks finished" in text
-    assert (out / "tasks/navigate.json").stat().st_mtime_ns == finished
+    assert "resuming: 0 of 2 tasks finished" in text
+    assert "navigate continues after run 1 of 2" in text
+    # The run's record as saved, its timings too: run 1 was kept, not redone.
+    assert json.loads((out / "tasks/navigate.json").read_text())["runs"][0] == kept
+    assert not partial.exists()
     table = lambda folder: (folder / "results.md").read_text().split("\n\n", 3)[3]
     assert table(out) == table(tmp_path / "bbh_ref")
 

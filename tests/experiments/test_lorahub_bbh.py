@@ -43,13 +43,17 @@ def test_help_lists_every_field_with_its_default(capsys):
     (["--protocol.budget", "24", "--protocol.search", "singles_cmaes"],
      "a budget of 24 evaluations is smaller than the 'singles' start's 20 single-module "
      "evaluations (N=20) plus one generation of population_size=8; give budget >= 28"),
+    (["--out", "{file}"], "is a file; give a folder"),
+    (["--out", "/proc/no/such"], "--out /proc/no/such: cannot create or write in /proc"),
 ])
 def test_bad_input_is_one_line(args, message, capsys, shared_data, tmp_path):
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data),
                     "--modules.dir", str(tmp_path), "--progress", "false", *args)
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert message in err
+    assert message in err and err.startswith("python -m experiments.lorahub_bbh: error:")
 
 
 def test_missing_modules_name_the_training_command(capsys, shared_data, tmp_path):
@@ -99,9 +103,10 @@ def test_train_lora_modules_writes_peft_modules(capsys, shared_data, tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--upstream.tasks", "no_such_task"], "--upstream.tasks: 'no_such_task' is not a LoRAHub "
                                            "module task"),
-    (["--upstream.batch-size", "0"], "--upstream.batch-size is out of range: 0"),
+    (["--upstream.batch-size", "0"], "--upstream.batch-size must be >= 1, got 0"),
     (["--model.path", "/no/model.bin"], "--model.path /no/model.bin does not exist"),
     (["--out", "{file}"], "is a file"),
+    (["--out", "/proc/no/such"], "--out /proc/no/such: cannot create or write in /proc"),
 ])
 def test_train_lora_modules_bad_input_is_one_line(args, message, capsys, shared_data, tmp_path):
     (tmp_path / "file").write_text("")
@@ -165,6 +170,8 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
     assert (out / "command.txt").read_text().startswith(
         "python -m experiments.lorahub_bbh --data-dir")
     assert (out / "FINISHED").is_file()
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == [  # no partial record left
+        "navigate.json", "web_of_lies.json"]
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--progress",
                     "false", "--modules.dir", str(modules), "--out", str(out))
     assert code == 2 and err.count("\n") == 1 and "holds a finished run" in err

@@ -42,7 +42,7 @@ SHORT = ["--seeds", "0", "--train.steps", "3", "--train.log-every", "1",
 @pytest.fixture(scope="module")
 def run(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("slim") / "run"
-    argv = [*SHORT, "--out", str(out), "--data-dir", str(shared_data)]
+    argv = [*SHORT, "--eval.curve-every", "2", "--out", str(out), "--data-dir", str(shared_data)]
     assert main(argv) == 0
     return out, argv
 
@@ -64,6 +64,12 @@ def test_every_method_writes_parseable_outputs(run, shared_data):
         assert len(predictions) == 8 and "predicted" in json.loads(predictions[0])
         assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
         assert Checkpointer(run_dir / "checkpoints").all_steps() == [3]
+        # --eval.curve-every 2: points at steps 2 and 3; the last, on all 8 test examples (fewer
+        # than --eval.curve-examples), is the final evaluation itself.
+        assert [p["step"] for p in record["curve"]] == [2, 3]
+        assert record["curve"][-1]["downstream"] == record["downstream"]
+        assert record["curve"][-1]["forgetting"] == pytest.approx(record["forgetting"], abs=1e-6)
+        assert len((run_dir / "evals.jsonl").read_text().splitlines()) == 2
     table = (out / "results.md").read_text()
     assert all(f"| `{m}` | 1 |" in table for m in METHODS) and "| base model |" in table
     assert "downstream acc by likelihood (%)" in table
@@ -162,7 +168,7 @@ def test_pod_preset_and_overrides_parse():
                                           "known ones include ag_news_classify"),
     (["--model.path", "/no/such/model"], "--model.path /no/such/model does not exist"),
     (["--model.path", "./no/such/hf"], "--model.path ./no/such/hf does not exist"),
-    (["--slim.top-k", "9"], "top_k must be between 1"),
+    (["--slim.top-k", "9"], "--slim.top-k must be between 1"),
     (["--task.kind", "gsm8k", "--task.validation", "yes"], "drop --task.validation"),
     (["--data.batch-size", "0"], "--data.batch-size must be >= 1, got 0"),
     (["--eval.batch-size", "0"], "--eval.batch-size must be >= 1, got 0"),

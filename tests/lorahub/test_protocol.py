@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -65,10 +66,21 @@ def test_two_tasks_end_to_end_encoder_decoder(shared_data, tmp_path):
     pool = {m.name: m for m in random_modules(target_layers(model, T5_TARGETS), 4, scale=0.3)}
     draws = module_draws(list(pool), SMALL.runs, SMALL.modules_per_run)
     tasks = load_bbh(["navigate", "web_of_lies"], shared_data)
-    notes = []
+    notes, saved = [], []
     results = [run_bbh_task(task, model, ByteTokenizer(), pool, draws, SMALL,
-                            progress=notes.append) for task in tasks.values()]
+                            progress=notes.append, save=saved.append if i == 0 else None)
+               for i, task in enumerate(tasks.values())]
     assert len(notes) == 2 * (2 + 2 * 4)
+    # Units of task x run: the result after the baselines and after each run went to `save`;
+    # resumed from the one after run 1, run 1 is kept (not redone) and the result is the same.
+    assert [len(r.runs) for r in saved] == [0, 1, 2]
+    notes.clear()
+    resumed = run_bbh_task(tasks["navigate"], model, ByteTokenizer(), pool, draws, SMALL,
+                           progress=notes.append, done=saved[1])
+    assert len(notes) == 2 + 2 * 4 and resumed.runs[0] is saved[1].runs[0]
+    timeless = lambda r: {**dataclasses.asdict(r), "runs": [
+        {**dataclasses.asdict(run), "seconds": None} for run in r.runs]}
+    assert timeless(resumed) == timeless(results[0])
     for result in results:
         assert (result.num_adapt, result.num_test) == (5, 3)
         assert set(result.baselines) == {"zero_shot", "icl"}

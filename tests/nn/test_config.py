@@ -13,13 +13,13 @@ from slim_jax.nn import LoRAConfig, SlimConfig
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"top_k": 11}, r"top_k must be between 1 and .* = 10, got 11"),
+        ({"top_k": 11}, r"top_k must be between 1 and .* experts: 10\), got 11"),
         ({"top_k": 0}, "top_k"),
         ({"dropmerge_p": 1.0}, r"dropmerge_p must be in \[0, 1\)"),
         ({"dropmerge_p": -0.2}, "dropmerge_p"),
         ({"rank": 0}, "rank must be an integer >= 1"),
         ({"num_lora_experts": 0}, "num_lora_experts"),
-        ({"num_identity_experts": 0}, "yielding=True needs identity experts"),
+        ({"num_identity_experts": 0}, "num_identity_experts must be >= 1 while yielding is on"),
         ({"momentum": 1.2}, "momentum"),
         ({"yield_threshold": -0.5}, "yield_threshold must be a finite number >= 0"),
         ({"yield_threshold": float("inf")}, "yield_threshold"),

@@ -39,11 +39,23 @@ def test_mesh_on_a_subset_of_devices():
         (MeshConfig(data=3), r"needs 3 devices, but 8 are available"),
         (MeshConfig(data=2, fsdp=2, tensor=4), r"needs 16 devices, but 8"),
         (MeshConfig(data=-1, fsdp=3), r"fixed axes use 3 devices, which does not divide the 8"),
-        (MeshConfig(data=-1, fsdp=-1), r"at most one may be -1"),
-        (MeshConfig(data=0), r"each must be a positive integer"),
     ],
 )
 def test_mesh_that_does_not_fit_is_named(config, message):
     with pytest.raises(MeshError, match=message) as err:
         make_mesh(config)
     assert isinstance(err.value, ConfigError)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message", "field"),
+    [
+        ({"data": -1, "fsdp": -1}, r"at most one may be -1", None),
+        ({"data": 0}, r"^data must be a positive integer, or -1", "data"),
+        ({"tensor": -2}, r"^tensor must be a positive integer", "tensor"),
+    ],
+)
+def test_invalid_sizes_are_refused_when_the_config_is_made(sizes, message, field):
+    with pytest.raises(MeshError, match=message) as err:
+        MeshConfig(**sizes)
+    assert err.value.field == field

@@ -3,15 +3,19 @@ from its checkpoints), optionally hitting itself with a signal, or pausing insid
 write, so that the test can kill it there.
 
 Usage: python tests/train/fault_worker.py RUN_DIR [--steps N] [--save-every N]
-           [--signal-at STEP --signal NAME] [--pause-in-save STEP]
+           [--signal-at STEP --signal NAME] [--pause-in-save STEP] [--async-checkpoint]
 
   --signal-at/--signal: send this process the signal (TERM, INT, USR1, KILL) as the batch of that
     step is drawn, i.e. while step STEP - 1 runs (a real signal, delivered by the OS).
   --pause-in-save: write RUN_DIR/paused (holding the temporary folder's path) and sleep inside
     the checkpoint write of that step, after its files are written and before orbax commits it.
+  --async-checkpoint: the trainer writes checkpoints in the background (orbax's async path);
+    then the paused write holds up only its background thread, training goes on.
 
 Prints one JSON line (stopped, step, the first step this run trained); on a stop signal the
-trainer's one-line message goes to stderr and the exit status is 128 + the signal number.
+trainer's one-line message goes to stderr and the exit status is 128 + the signal number. A run
+that completes saves its final parameters (every `nnx.Param`, in tree order) to
+RUN_DIR/params.npz.
 """
 
 from __future__ import annotations
@@ -71,9 +75,12 @@ def main() -> int:
     parser.add_argument("--signal-at", type=int)
     parser.add_argument("--signal")
     parser.add_argument("--pause-in-save", type=int)
+    parser.add_argument("--async-checkpoint", action="store_true")
     args = parser.parse_args()
 
     import jax
+    import numpy as np
+    from flax import nnx
 
     sys.path.insert(0, str(Path(__file__).parent))
     import tiny
@@ -85,12 +92,16 @@ def main() -> int:
         pause_in_save(args.pause_in_save, run_dir / "paused")
     sig = getattr(signal, f"SIG{args.signal}") if args.signal else None
     config = tiny.train_config(steps=args.steps, save_every=args.save_every,
-                               run_dir=str(run_dir), keep_checkpoints=2)
+                               run_dir=str(run_dir), keep_checkpoints=2,
+                               async_checkpoint=args.async_checkpoint)
     trainer = Trainer(tiny.tiny_model(), config, devices=jax.devices()[:1])
     result = trainer.fit(SignalAt(tiny.batches(8), args.signal_at, sig))
     print(json.dumps({"stopped": result.stopped, "step": result.step,
                       "first_step": result.history[0]["step"] if result.history else None}),
           flush=True)
+    if result.stopped == "completed":
+        params = jax.tree.leaves(nnx.state(trainer.model(), nnx.Param))
+        np.savez(run_dir / "params.npz", *[np.asarray(jax.device_get(p)) for p in params])
     try:
         result.check_completed()
     except TrainingInterrupted as err:

@@ -1,8 +1,9 @@
 """Faults of a `Trainer` run in a real subprocess (tests/train/fault_worker.py, 12 steps, a
 checkpoint every 4): a stop signal saves where it is and exits with one line; a SIGKILL (at a
 seeded step, or in the middle of a checkpoint write) loses only the steps since the last complete
-checkpoint. Either way, running it again resumes, logs each step once, and ends with the loss
-curve of an uninterrupted run."""
+checkpoint, also when checkpoints are written in the background (orbax's async path). Either
+way, running it again resumes, logs each step once, and ends with the loss curve and the final
+parameters of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -58,24 +59,37 @@ def losses(run_dir: Path) -> tuple[list[int], list[float]]:
     return [r["step"] for r in records], [r["loss"] for r in records]
 
 
+def final_params(run_dir: Path) -> list[np.ndarray]:
+    with np.load(run_dir / "params.npz") as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
 @pytest.fixture(scope="module")
-def reference(env, tmp_path_factory) -> list[float]:
+def reference(env, tmp_path_factory) -> tuple[list[float], list[np.ndarray]]:
+    """The uninterrupted run's losses and final parameters."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     rc, out, err = finish(run_dir, env)
     assert rc == 0 and out == {"stopped": "completed", "step": STEPS, "first_step": 1}, err
     steps, values = losses(run_dir)
     assert steps == list(range(1, STEPS + 1))
-    return values
+    return values, final_params(run_dir)
 
 
-def assert_resumes_to_reference(run_dir: Path, env: dict, reference: list[float],
-                                from_step: int) -> None:
-    rc, out, err = finish(run_dir, env)
+def assert_resumes_to_reference(run_dir: Path, env: dict, reference, from_step: int,
+                                *args: str) -> None:
+    """Run it again: it resumes after `from_step` (not from 0), logs each step once, and ends
+    with the uninterrupted run's losses and parameters."""
+    rc, out, err = finish(run_dir, env, *args)
     assert rc == 0, err
     assert out == {"stopped": "completed", "step": STEPS, "first_step": from_step + 1}
     steps, values = losses(run_dir)
     assert steps == list(range(1, STEPS + 1))  # each step logged once
-    np.testing.assert_allclose(values, reference, rtol=0, atol=1e-6)
+    ref_losses, ref_params = reference
+    np.testing.assert_allclose(values, ref_losses, rtol=0, atol=1e-6)
+    params = final_params(run_dir)
+    assert len(params) == len(ref_params)
+    for got, want in zip(params, ref_params, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert (run_dir / "loss.png").stat().st_size > 0
 
 
@@ -105,14 +119,17 @@ def test_stop_signal_saves_where_it_is_and_says_so_in_one_line(env, reference, t
                         r"7 saved in \S+checkpoints; run the same command again to resume", line)
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.latest_step() == 7
-    if name == "TERM":  # the same resume path for every signal: run it once
-        assert_resumes_to_reference(tmp_path, env, reference, 7)
+    assert_resumes_to_reference(tmp_path, env, reference, 7)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_sigkill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(env, reference,
-                                                                          tmp_path):
-    proc = start(tmp_path, env, "--pause-in-save", "8")
+                                                                          tmp_path, mode):
+    """Killed while orbax writes step 8's checkpoint: in the foreground (sync), or in its
+    background thread while training goes on (async, `TrainConfig.async_checkpoint`)."""
+    args = ("--async-checkpoint",) if mode == "async" else ()
+    proc = start(tmp_path, env, "--pause-in-save", "8", *args)
     marker = tmp_path / "paused"
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -125,5 +142,5 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(env,
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [4]  # the half-written step 8 is not listed
         assert ckpt.restore_meta()["step"] == 4
-    assert_resumes_to_reference(tmp_path, env, reference, 4)
+    assert_resumes_to_reference(tmp_path, env, reference, 4, *args)
     assert not partial.exists()  # the resumed run's checkpointer deleted the half-written folder

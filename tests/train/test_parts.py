@@ -82,7 +82,7 @@ def test_encoder_and_decoder_slim_layers_get_their_own_token_masks():
     [
         ("steps", 0, r"steps must be >= 1"),
         ("grad_accum_steps", 0, r"grad_accum_steps must be >= 1"),
-        ("frozen_dtype", "fp8", r"frozen_dtype 'fp8' is not one of"),
+        ("frozen_dtype", "fp8", r"frozen_dtype must be one of .*, got 'fp8'"),
         ("l1_coeff", -1.0, r"l1_coeff must be >= 0"),
     ],
 )
