@@ -3,6 +3,7 @@ without rematerialisation. On this host's CPU by default (`--topology v5e-4` for
 
     nice python benchmarks/compile_depth.py                        # depths 8 16 32, narrow width
     nice python benchmarks/compile_depth.py --depths 8 16 --topology v5e-4
+    nice python benchmarks/compile_depth.py --layouts scanned --depths 8 32
 
 Each row compiles the real LoRA training step (`slim_jax.train.aot.compile_train_step`) of a
 narrow Llama (width 256) of the given depth, once per setting of the model config's `scan_layers`
@@ -31,10 +32,10 @@ NARROW = dict(architecture("llama-3-8b"), vocab_size=1024, hidden_size=256, inte
 FIELDS = {f.name for f in dataclasses.fields(LlamaConfig)}
 
 
-def settings(remat_policies: list[str]) -> list[dict[str, object]]:
-    """(scan, remat) combinations to compile: unrolled/scanned x each remat policy."""
-    return [{"scan_layers": scan, "remat": remat}
-            for scan in (False, True) for remat in remat_policies]
+def settings(remat_policies: list[str], layouts: list[str]) -> list[dict[str, object]]:
+    """(scan, remat) combinations to compile: each layout (unrolled/scanned) x remat policy."""
+    return [{"scan_layers": layout == "scanned", "remat": remat}
+            for layout in layouts for remat in remat_policies]
 
 
 def row(depth: int, setting: dict[str, object], args: argparse.Namespace) -> str:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--remat", nargs="+", default=["none", "full"],
                         help="values of LlamaConfig.remat to compare ('none': off)")
+    parser.add_argument("--layouts", nargs="+", default=["unrolled", "scanned"],
+                        choices=["unrolled", "scanned"], help="LlamaConfig.scan_layers off / on")
     parser.add_argument("--topology", default="cpu-1")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| layers | layers as | remat | compile s | temporaries MiB | note |")
     print("|---|---|---|---|---|---|")
     for depth in args.depths:
-        for setting in settings(args.remat):
+        for setting in settings(args.remat, args.layouts):
             print(row(depth, setting, args), flush=True)
     return 0
 

@@ -43,12 +43,13 @@ def model_location(path: str, data_dir: str | None) -> str:
     return str(found) if found.exists() else path
 
 
-def load_base(path: str, data_dir: str | None, *, dtype: str, param_dtype: str
-              ) -> tuple[nnx.Module, Tokenizer, str]:
+def load_base(path: str, data_dir: str | None, *, dtype: str, param_dtype: str,
+              **config_overrides: object) -> tuple[nnx.Module, Tokenizer, str]:
     """The base model, its tokenizer, and where it was found (what an adapter records as its
-    base model)."""
+    base model); `config_overrides` as `loading.load_model` (`ModelSpec.config_overrides`)."""
     where = model_location(path, data_dir)
-    model, tokenizer = loading.load_model(where, dtype=dtype, param_dtype=param_dtype)
+    model, tokenizer = loading.load_model(where, dtype=dtype, param_dtype=param_dtype,
+                                          **config_overrides)
     return model, tokenizer, where
 
 

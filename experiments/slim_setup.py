@@ -237,7 +237,7 @@ def load_checked(config: SlimExperiment, folder: Path | None
     against its positions (`check_positions`)."""
     base_model, tokenizer, where = load_base(
         config.model.path, None if folder is None else str(folder), dtype=config.model.dtype,
-        param_dtype=config.model.param_dtype)
+        param_dtype=config.model.param_dtype, **config.model.config_overrides())
     check_positions(config, base_model)
     return base_model, tokenizer, where
 

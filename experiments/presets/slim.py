@@ -12,7 +12,7 @@ Presets:
   all six methods over three seeds in minutes on a laptop CPU.
 - `pod_multi`: the paper's multi-dataset run: an 8B Llama-3-class model (OpenChat-3.6, the
   paper's OpenChat-8B family; a hub id or local folder) on OpenBookQA + SIQA + BoolQ, forgetting
-  on MMLU, GSM8K and PIQA; 2 epochs, batch 16, FSDP over every device.
+  on MMLU, GSM8K and PIQA; 2 epochs, batch 16, FSDP over every device, layers scanned.
 - `pod_csqa`, `pod_hellaswag`, `pod_winogrande`, `pod_arc_e`, `pod_arc_c`: the paper's single-data-
   set runs, otherwise as `pod_multi`.
 """
@@ -258,7 +258,10 @@ def _pod(names: tuple[str, ...], preset: str) -> SlimExperiment:
         preset=preset,
         out=f"runs/slim_{preset}",
         num_devices=0,
-        model=ModelSpec(path=POD_MODEL, dtype="bfloat16", param_dtype="bfloat16"),
+        # Layers scanned: one compiled layer body (benchmarks/POD.md); remat stays off, as the
+        # documented v5p-64 does not need it (v5e-16 / v5e-256: --model.remat full).
+        model=ModelSpec(path=POD_MODEL, dtype="bfloat16", param_dtype="bfloat16",
+                        scan_layers=True),
         task=TaskSpec(kind="commonsense", names=names),
         general=GeneralSpec(kind="benchmarks", benchmarks=("mmlu", "gsm8k", "piqa")),
         eval=EvalSpec(mode="generate", max_new_tokens=32, benchmark_max_new_tokens=256,

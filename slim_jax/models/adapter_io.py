@@ -43,6 +43,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from slim_jax.checkpoint import META, Checkpointer, check_finite, plain
 from slim_jax.errors import CheckpointError
@@ -57,6 +58,9 @@ from slim_jax.nn import (
     inject_spec,
 )
 from slim_jax.nn.spec import config_json, parse_spec
+from slim_jax.nn.stack import has_stacks, per_layer, per_layer_view
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules
+from slim_jax.parallel.sharding import shard, tree_shardings
 from slim_jax.paths import is_remote, local_copy
 
 ADAPTERS_ITEM, STATE_ITEM = "adapters", "state"
@@ -208,6 +212,7 @@ def save_adapter_checkpoint(
     if not spec:
         raise CheckpointError(f"the {type(model).__name__} has no adapters to save; adapt layers "
                               "first (slim_jax.nn.inject)")
+    model = per_layer_view(model)  # a scanned model's adapters under per-layer names
     # A large `keep`: saving a new step must never delete the steps already in `directory`.
     with Checkpointer(directory, keep=1_000_000, async_save=False) as checkpointer:
         if not checkpointer.save(step, _inference_items(model),
@@ -217,7 +222,8 @@ def save_adapter_checkpoint(
 
 
 def load_adapter_checkpoint(
-    model: nnx.Module, directory: PathLike, *, step: int | None = None
+    model: nnx.Module, directory: PathLike, *, step: int | None = None,
+    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
 ) -> list[str]:
     """Restore the adapters of a slim_jax checkpoint into `model`, in place.
 
@@ -231,6 +237,9 @@ def load_adapter_checkpoint(
       model: the base model (e.g. from `Llama.from_pretrained`).
       directory: the `Checkpointer` folder.
       step: the step to read; the latest when None.
+      mesh, rules: restore each adapter array straight into the sharding its `logical_axes`
+        get under `rules` on `mesh` (orbax reads only each process's shards), as
+        `from_pretrained(mesh=...)` places the base. None: as the model's arrays are placed.
 
     Returns:
       The sorted paths of the adapted layers.
@@ -239,6 +248,13 @@ def load_adapter_checkpoint(
       CheckpointError: no such folder or step; no spec and no adapters on the model; adapters
         that differ from the spec; layers the model lacks; arrays that do not fit.
     """
+    if has_stacks(model):  # a scanned model: restored layer by layer, stacked again after
+        with per_layer(model, frozen_abstract=True):  # the base is not copied
+            paths = load_adapter_checkpoint(model, directory, step=step, mesh=mesh, rules=rules)
+        if mesh is not None:  # the stacked arrays into their stacked shardings
+            state = nnx.state(model, nnx.Not(_FROZEN))
+            nnx.update(model, shard(state, tree_shardings(state, mesh, rules)))
+        return paths
     directory = Path(directory).expanduser()
     source = str(directory)
     if not directory.is_dir() or not _has_steps(directory):
@@ -266,6 +282,9 @@ def load_adapter_checkpoint(
             else:
                 inject_spec(model, spec, source=source)
         items = _inference_items(model)
+        if mesh is not None:  # restore targets placed on the mesh: orbax reads into them
+            items = {name: shard(item, tree_shardings(item, mesh, rules))
+                     for name, item in items.items()}
         _check_fits(stored, _shapes(items[ADAPTERS_ITEM]), f"{source} (step {step})", model)
         try:
             items, _ = checkpointer.restore(items, step)
@@ -275,6 +294,10 @@ def load_adapter_checkpoint(
     check_finite(items, f"{source} (step {step})")  # NaN/Inf refused, naming the tensor
     nnx.update(model, items[ADAPTERS_ITEM], items[STATE_ITEM])
     return list(adapted_layers(model))
+
+
+_FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+"""The frozen base's parameters (not in an adapter checkpoint)."""
 
 
 def _stored_shapes(item_dir: Path, source: str) -> dict[str, tuple[int, ...]]:

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from slim_jax.checkpoint import check_finite
 from slim_jax.errors import CheckpointError
 from slim_jax.models.lazy import lazy_safetensors
+from slim_jax.nn.stack import stack_arrays
 from slim_jax.parallel.rules import DEFAULT_RULES, Rules, logical_to_spec
 
 PathLike = str | os.PathLike[str]
@@ -273,7 +274,9 @@ def assign_params(
 
     Works on a real model and on an abstract one from `nnx.eval_shape` (so a large model is never
     randomly initialised just to be overwritten). Values are cast to each variable's dtype and
-    placed with its sharding when it has one.
+    placed with its sharding when it has one. A scanned model (`slim_jax.nn.stack`) takes the
+    same per-layer names: `layers/i/...` are stacked into its `layers/layer/...` variables
+    (`stack_arrays`; lazily, so a mesh-aware load still reads only each device's slices).
 
     Args:
       model: the NNX model.
@@ -296,6 +299,10 @@ def assign_params(
     >>> float(lin.kernel[...].sum())
     6.0
     """
+    try:
+        arrays = stack_arrays(model, arrays)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from err
     variables = {"/".join(str(k) for k in path): node for path, node in nnx.iter_graph(model)
                  if isinstance(node, nnx.Variable)}
     unknown = sorted(set(arrays) - set(variables))

@@ -48,6 +48,7 @@ from slim_jax.models.layers import (
     rope_frequencies,
     write_kv,
 )
+from slim_jax.nn.stack import LayerStack
 from slim_jax.parallel.rules import DEFAULT_RULES, Rules
 from slim_jax.parallel.sharding import constrain
 from slim_jax.tokenizer import Tokenizer
@@ -72,6 +73,10 @@ class LlamaConfig(ExecutionConfig):
       bos_id, eos_ids, pad_id: special token ids from the checkpoint's config (eos may be several).
       dtype: compute dtype; param_dtype: parameter dtype (both fp32 by default).
       attention, remat: how it runs (`slim_jax.models.layers.ExecutionConfig`).
+      scan_layers: hold the decoder layers stacked on a leading `layers` axis
+        (`slim_jax.nn.stack.LayerStack`) and apply them with `jax.lax.scan`: one compiled layer
+        body instead of `num_layers` copies (compile time and program size no longer grow with
+        depth). Same numbers, same initialisation; checkpoints and adapters keep per-layer names.
     """
 
     vocab_size: int
@@ -94,6 +99,7 @@ class LlamaConfig(ExecutionConfig):
     pad_id: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,15 +141,16 @@ class KVCache:
     """Keys and values of every layer for incremental decoding, with static shapes.
 
     Attributes:
-      keys, values: one `[batch, max_len, kv_heads, head_dim]` array per layer (rotated keys).
+      keys, values: one `[batch, max_len, kv_heads, head_dim]` array per layer (rotated keys);
+        with `scan_layers` one array `[num_layers, batch, max_len, kv_heads, head_dim]`.
       segment_ids: `[batch, max_len]` int32 segment of each filled slot; 0 = empty or padding.
       end: `[]` int32, the number of slots filled; the next call writes from here.
 
     Size it for prompt + generated tokens: past `max_len`, writes under jit would be clamped.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     segment_ids: jax.Array
     end: jax.Array
 
@@ -255,8 +262,9 @@ class Llama(nnx.Module):
             param_dtype=config.param_dtype, embedding_init=nnx.initializers.normal(0.02),
             embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
         )
-        self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs)
-                                for _ in range(config.num_layers)])
+        layers = [LlamaDecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)]
+        # Built one by one either way, so a scanned model starts from the unrolled one's weights.
+        self.layers = LayerStack(layers) if config.scan_layers else nnx.List(layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=config.dtype,
                             param_dtype=config.param_dtype)
         if not config.tie_word_embeddings:
@@ -273,7 +281,10 @@ class Llama(nnx.Module):
         """
         cfg = self.config
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype or cfg.dtype) for _ in range(cfg.num_layers))
+        if cfg.scan_layers:  # one array stacked over the layers, scanned with them
+            zeros: Any = jnp.zeros((cfg.num_layers, *shape), dtype or cfg.dtype)
+        else:
+            zeros = tuple(jnp.zeros(shape, dtype or cfg.dtype) for _ in range(cfg.num_layers))
         return KVCache(keys=zeros, values=zeros, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                        end=jnp.zeros((), jnp.int32))
 
@@ -323,20 +334,27 @@ class Llama(nnx.Module):
                                                             cfg.rope_scaling))
 
         x = self.embed_tokens(tokens)
-        keys, values = [], []
         call = remat_layer(cfg.remat)  # LlamaConfig.remat: recompute activations in the backward
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = call(layer, x, cos, sin, mask, kv, start)
-            if kv is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
+        if cfg.scan_layers:  # one layer body in a jax.lax.scan over the stacked layers
+            x, kv = self.layers.scan(
+                lambda layer, x, kv: call(layer, x, cos, sin, mask, kv, start), x,
+                None if cache is None else (cache.keys, cache.values))
+            keys, values = (None, None) if kv is None else kv
+        else:
+            keys, values = [], []
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache.keys[i], cache.values[i])
+                x, kv = call(layer, x, cos, sin, mask, kv, start)
+                if kv is not None:
+                    keys.append(kv[0])
+                    values.append(kv[1])
+            keys, values = tuple(keys), tuple(values)
         x = self.norm(x[:, -1:] if last_only else x)
         logits = self.embed_tokens.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, KVCache(keys=tuple(keys), values=tuple(values), segment_ids=key_segments,
+        return logits, KVCache(keys=keys, values=values, segment_ids=key_segments,
                                end=start + s)
 
     # ------------------------------------------------- the model family (slim_jax.models.family)

@@ -26,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 from etils import epath
 
-from slim_jax.errors import CheckpointError
+from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.hub import resolve_model_dir
 from slim_jax.models.family import ModelFamily
 from slim_jax.models.hf import read_config
@@ -52,6 +52,7 @@ def load_model(
     dtype: Any = jnp.float32,
     param_dtype: Any = None,
     allow_pickle: bool = False,
+    **config_overrides: Any,
 ) -> tuple[ModelFamily, Tokenizer]:
     """A model and its tokenizer from a Hugging Face directory or hub id, or a llama2.c file.
 
@@ -68,6 +69,8 @@ def load_model(
       param_dtype: storage dtype of the weights; None stores them in `dtype`.
       allow_pickle: accept `pytorch_model.bin` / `.pt` weights in a Hugging Face directory (a
         pickle can run code; off by default).
+      config_overrides: fields of the family's config the checkpoint does not hold (e.g.
+        `scan_layers=True`, `remat="full"`: a scanned Llama is loaded stacked directly).
 
     Returns:
       `(model, tokenizer)`: a model of the checkpoint's family, and a `Tokenizer`.
@@ -82,6 +85,10 @@ def load_model(
         return _load_llama2c_file(as_path(name_or_path), tokenizer, dtype, param_dtype)
     path = Path(name_or_path).expanduser()
     if path.is_file():
+        if config_overrides:
+            raise ConfigError(f"{path} is a llama2.c checkpoint, loaded with the default "
+                              f"execution settings; {sorted(config_overrides)} apply to Hugging "
+                              "Face model directories")
         return _load_llama2c_file(path, tokenizer, dtype, param_dtype)
     if path.is_dir() and not (path / "config.json").is_file():
         binaries = sorted(p.name for p in path.glob("*.bin"))
@@ -93,7 +100,7 @@ def load_model(
     cls = family_of(read_config(directory).get("model_type"),
                     source=str(directory / "config.json"))
     model = cls.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype,
-                                allow_pickle=allow_pickle)
+                                allow_pickle=allow_pickle, **config_overrides)
     return model, HFTokenizer(directory if tokenizer is None else tokenizer)
 
 

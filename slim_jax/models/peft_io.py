@@ -50,6 +50,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 from flax import nnx
+from jax.sharding import Mesh
 
 from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.models import hf
@@ -63,6 +64,8 @@ from slim_jax.models.peft_config import (
     same_base_model,
 )
 from slim_jax.nn import LoRALinear, SlimLinear, adapted_layers, inject, module_path
+from slim_jax.nn.stack import per_layer_view
+from slim_jax.parallel.rules import DEFAULT_RULES, Rules
 
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
@@ -104,8 +107,10 @@ def _check_base(config: PeftLoRAConfig, expected: str | None, source: str) -> No
 
 
 def _linear_layers(model: nnx.Module) -> dict[str, nnx.Linear]:
-    """Every linear layer (plain or adapted) of the model by path."""
-    return {module_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
+    """Every linear layer (plain or adapted) of the model by per-layer path (a scanned model's
+    stacked layers as `layers/i/...`, `slim_jax.nn.stack.per_layer_view`)."""
+    view = per_layer_view(model)
+    return {module_path(p): m for p, m in nnx.iter_modules(view) if isinstance(m, nnx.Linear)}
 
 
 def _load_weights(directory: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -212,12 +217,15 @@ def load_peft(
     allow_pickle: bool = False,
     param_dtype: Any = "float32",
     dropout: float = 0.0,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> list[str]:
     """Put a PEFT LoRA adapter onto `model`, in place: `LoRALinear` on every targeted layer.
 
     Plain `nnx.Linear` targets are replaced through `slim_jax.nn.inject`; targets that already
     are `LoRALinear` with the same rank, alpha and scaling get their factors overwritten. Layers
-    the adapter does not target are left as they are.
+    the adapter does not target are left as they are. A scanned model (`scan_layers`) takes the
+    same per-layer adapter, stacked (every stacked layer must be targeted).
 
     Args:
       model: a `T5` or `Llama`.
@@ -229,6 +237,8 @@ def load_peft(
       dropout: adapter dropout of the injected layers. PEFT's `lora_dropout` is a training
         setting and peft switches it off in eval mode, so the default 0 computes what a peft
         model computes at inference; pass `read_peft_config(dir).dropout` to train on with it.
+      mesh, rules: put each factor straight into the sharding its `logical_axes` get under
+        `rules` on `mesh` (`hf.assign_params`), as `from_pretrained(mesh=...)` does the base.
 
     Returns:
       The sorted paths of the adapted layers.
@@ -260,7 +270,8 @@ def load_peft(
     arrays = {}
     for path, (a, b) in factors.items():
         arrays[f"{path}/lora_a"], arrays[f"{path}/lora_b"] = a, b
-    hf.assign_params(model, arrays, strict=False, source=str(directory))
+    # Per-layer names; a scanned model's stacks take them stacked (`hf.assign_params`).
+    hf.assign_params(model, arrays, strict=False, source=str(directory), mesh=mesh, rules=rules)
     return list(factors)
 
 
@@ -293,6 +304,7 @@ def save_peft(
         differ in rank, alpha or scaling (named).
     """
     naming = _naming(model)
+    model = per_layer_view(model)  # a scanned model's adapters under per-layer names
     layers = adapted_layers(model)
     slim = [p for p, layer in layers.items() if not isinstance(layer, LoRALinear)]
     if slim:

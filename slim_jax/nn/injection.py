@@ -12,6 +12,7 @@ from slim_jax.errors import ConfigError
 from slim_jax.nn.config import LoRAConfig, SlimConfig
 from slim_jax.nn.lora_linear import LoRALinear
 from slim_jax.nn.slim_linear import SlimLinear
+from slim_jax.nn.stack import has_stacks, per_layer
 
 AdaptedLinear = LoRALinear | SlimLinear
 ADAPTED_TYPES: tuple[type[nnx.Module], ...] = (LoRALinear, SlimLinear)
@@ -85,9 +86,13 @@ def inject(
     Returns:
       The sorted paths of the layers adapted.
 
+    A scanned model (`slim_jax.nn.stack.LayerStack`) is adapted layer by layer under its
+    per-layer paths (`layers/0/...`) and stacked again, so it gets the adapters (and the
+    initial values) an unscanned model gets; the pattern must then adapt every stacked layer alike.
+
     Raises:
       ConfigError: an invalid regex, or one that matches no plain `nnx.Linear`; the message lists
-        the linear layers available.
+        the linear layers available; on a scanned model, adapters on some stacked layers only.
 
     >>> class Block(nnx.Module):
     ...     def __init__(self, rngs):
@@ -102,6 +107,9 @@ def inject(
     >>> type(model.layers[1].q_proj).__name__
     'LoRALinear'
     """
+    if has_stacks(model):
+        with per_layer(model, frozen_abstract=True):  # the base is not copied
+            return inject(model, pattern, config, rngs=rngs)
     if isinstance(config, LoRAConfig):
         layer_type: type[AdaptedLinear] = LoRALinear
     elif isinstance(config, SlimConfig):

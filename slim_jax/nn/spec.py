@@ -21,6 +21,7 @@ from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.nn.config import LoRAConfig, SlimConfig
 from slim_jax.nn.injection import inject, module_path
 from slim_jax.nn.lora_linear import LoRALinear
+from slim_jax.nn.stack import has_stacks, per_layer, per_layer_view
 from slim_jax.nn.state import adapted_layers
 
 ADAPTER_SPEC_KEY = "adapter_spec"
@@ -51,7 +52,8 @@ def adapter_spec(model: nnx.Module) -> AdapterSpec:
     [('lora', 2, ['0'])]
     """
     groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for path, layer in adapted_layers(model).items():
+    # A scanned model is described by its per-layer paths, as an unscanned one.
+    for path, layer in adapted_layers(per_layer_view(model)).items():
         kind = "lora" if isinstance(layer, LoRALinear) else "slim"
         config = config_json(layer.config)
         group = groups.setdefault((kind, repr(sorted(config.items()))),
@@ -115,6 +117,9 @@ def inject_spec(model: nnx.Module, spec: AdapterSpec, *, rngs: nnx.Rngs | None =
     >>> inject_spec(model, spec), type(model[1]).__name__
     (['1'], 'LoRALinear')
     """
+    if has_stacks(model):  # a scanned model: its layers one by one, stacked again after
+        with per_layer(model, frozen_abstract=True):  # the base is not copied
+            return inject_spec(model, spec, rngs=rngs, source=source)
     layers = parse_spec(spec, source)
     linears = {module_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
     missing = [path for path in layers if path not in linears]

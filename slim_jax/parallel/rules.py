@@ -52,6 +52,7 @@ DEFAULT_RULES: Rules = (
     ("embed", "fsdp"),
     ("norm", None),
     ("rel_pos", None),
+    ("layers", None),  # the stacked axis of a scanned model (slim_jax.nn.stack): never split
     # adapters: small, so their own axes stay whole; their d_in/d_out axes follow the base above
     ("lora_rank", None),
     ("experts", None),

@@ -37,7 +37,7 @@ from slim_jax.errors import ConfigError
 from slim_jax.models.registry import config_from_hf, family_for_config
 from slim_jax.nn import adapter_l1
 from slim_jax.parallel.mesh import make_mesh
-from slim_jax.parallel.sharding import batch_axes, tree_shardings
+from slim_jax.parallel.sharding import batch_axes, check_global_batch, tree_shardings
 from slim_jax.parallel.topology import GIB, Topology, topology
 from slim_jax.train.metrics import count_params, training_flops_per_token
 from slim_jax.train.optimizer import make_optimizer
@@ -251,6 +251,8 @@ def compile_train_step(
     """
     mesh = make_mesh(config.mesh, topo.devices)
     rules = config.rules
+    # The trainer's own check, so a batch the topology cannot split is one line, not XLA's trace.
+    check_global_batch(batch_size, mesh, rules, micro_steps=config.grad_accum_steps)
     view = nnx.view(model, deterministic=False, use_running_average=False,
                     raise_if_not_found=False)
     graphdef, params, frozen, mutable = split_model(view)

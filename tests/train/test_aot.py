@@ -131,3 +131,23 @@ def test_a_program_xla_refuses_for_memory_is_reported_as_not_fitting():
     assert "not compiled" in r.lines()[2]
     code, last = summary([r])
     assert code == 1 and last.startswith("does not fit: big needs ")
+
+
+def test_a_batch_the_topology_cannot_split_is_one_clear_error():
+    from slim_jax.parallel.sharding import BatchSizeError
+
+    config = TrainConfig(steps=10, frozen_dtype="bfloat16", mesh=MeshConfig(data=1, fsdp=-1))
+    with pytest.raises(BatchSizeError, match="use a multiple of 4"):
+        compile_train_step(_model(), topology("v5e-4"), config, batch_size=6, seq_len=SEQ)
+
+
+def test_scanned_train_step_compiles_for_v5e_4_with_one_layer_loop():
+    def make():
+        model = model_factory(SMALL, overrides={"scan_layers": True, "remat": "full"})()
+        inject(model, r"(q|v)_proj$", LoRAConfig(rank=4), rngs=nnx.Rngs(1))
+        return model
+
+    config = TrainConfig(steps=10, frozen_dtype="bfloat16", mesh=MeshConfig(data=1, fsdp=-1))
+    r = compile_train_step(nnx.eval_shape(make), topology("v5e-4"), config, batch_size=BATCH,
+                           seq_len=SEQ)
+    assert r.fits and r.loops and r.mfu_bound is None  # the layer scan is a while loop
