@@ -79,7 +79,7 @@ def upstream_task_names(data_dir: DataDir = None, module_ids: Sequence[str] | No
     ids = read_module_ids(data_dir=data_dir) if module_ids is None else module_ids
     names = [task_of(i) for i in ids]
     return [n for n in names if (root / f"{n}.jsonl").is_file()
-            and (root / f"{n}.jsonl").stat().st_size > 0]
+            and (root / f"{n}.jsonl").stat().length > 0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from slim_jax.errors import ConfigError
 from slim_jax.parallel.mesh import batch_parallel_size
@@ -164,8 +164,8 @@ def constrain(
     For the places where XLA's propagation picks badly inside a step, e.g. attention scores
     `("batch", "heads", None, None)`: batch on the batch axes, heads on `tensor`. The mesh is
     `mesh`, else the one set around the computation (`jax.set_mesh(mesh)` around the call that
-    traces it: compile-only runs do; `compile_train_step`'s caller must, for a training run);
-    with neither, `x` is returned as it is, so models may call this whether or not they run
+    traces it: compile-only runs and the Trainer's step do); with neither, or inside `shard_map`
+    (manual axes), `x` is returned as it is, so models may call this whether or not they run
     sharded.
 
     Args:
@@ -187,6 +187,8 @@ def constrain(
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
+    if any(kind == AxisType.Manual for kind in mesh.axis_types):
+        return x  # inside shard_map (e.g. LoRAHub's population split): the caller shards by hand
     spec = logical_to_spec(logical_axes, x.shape, mesh, rules, where="activation")
     target = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
     return jax.lax.with_sharding_constraint(x, target)

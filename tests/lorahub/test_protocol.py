@@ -40,7 +40,7 @@ def test_upstream_tasks_follow_the_module_list(shared_data):
     names = upstream_task_names(shared_data)
     assert names[:2] == ["qasc_qa_with_separated_facts_3",
                          "wiki_hop_original_choose_best_object_affirmative_1"]
-    assert all((shared_data / "t0_templates" / f"{n}.jsonl").stat().st_size > 0 for n in names)
+    assert all((shared_data / "t0_templates" / f"{n}.jsonl").stat().length > 0 for n in names)
 
 
 def test_protocol_config_errors():
