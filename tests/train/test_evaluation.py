@@ -4,9 +4,6 @@ with the values of an uninterrupted run."""
 
 from __future__ import annotations
 
-import os
-import signal
-
 import jax
 import numpy as np
 import pytest
@@ -37,29 +34,6 @@ class HeldOutLoss:
         logits = masked_batch_logits(view, self.batch)
         ce = target_cross_entropy(logits, self.batch["targets"], self.batch["target_mask"])
         return {"ce": float(ce), "step_seen": step}
-
-
-class StopAt:
-    """Sends this process `sig` once `at` batches are drawn (a stop while step `at` runs)."""
-
-    def __init__(self, batches, at: int, sig=signal.SIGTERM) -> None:
-        self.batches, self.at, self.sig, self.drawn = batches, at, sig, 0
-
-    def __next__(self):
-        batch = next(self.batches)
-        self.drawn += 1
-        if self.drawn == self.at:
-            os.kill(os.getpid(), self.sig)
-        return batch
-
-    def __iter__(self):
-        return self
-
-    def state(self):
-        return self.batches.state()
-
-    def restore(self, state):
-        self.batches.restore(state)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +82,8 @@ def test_stop_and_resume_records_each_point_once_with_the_same_values(
         tiny, held_out, uninterrupted, tmp_path, stop_at):
     reference = {r["step"]: r["ce"] for r in uninterrupted[1].evals}
     first = _trainer(tiny, tmp_path, save_every=1).fit(
-        StopAt(tiny.batches(8), stop_at), evaluate=Periodic(HeldOutLoss(held_out), every=EVERY))
+        tiny.StopAt(tiny.batches(8), stop_at),
+        evaluate=Periodic(HeldOutLoss(held_out), every=EVERY))
     assert first.stopped == "preempted" and first.step == stop_at
     # A stop is never delayed by an evaluation: step 4's point is left to the resumed run.
     assert [r["step"] for r in first.evals] == [2]

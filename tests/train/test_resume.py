@@ -3,9 +3,6 @@ checkpoint written on 8 devices restores on 1; metrics, plot and keep-N along th
 
 from __future__ import annotations
 
-import os
-import signal
-
 import jax
 import numpy as np
 import pytest
@@ -15,30 +12,6 @@ from slim_jax.parallel import MeshConfig
 from slim_jax.train import Trainer, read_metrics
 
 STEPS, KILL_AT = 4, 2
-
-
-class SigtermAt:
-    """Wraps a resumable batch iterator; sends this process SIGTERM once `at` batches are drawn
-    (as a scheduler preempting the job while step `at` runs)."""
-
-    def __init__(self, batches, at: int) -> None:
-        self.batches, self.at, self.drawn = batches, at, 0
-
-    def __next__(self):
-        batch = next(self.batches)
-        self.drawn += 1
-        if self.drawn == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return batch
-
-    def __iter__(self):
-        return self
-
-    def state(self):
-        return self.batches.state()
-
-    def restore(self, state):
-        self.batches.restore(state)
 
 
 def _losses(result) -> list[float]:
@@ -75,7 +48,7 @@ def test_sigterm_then_resume_on_another_mesh_continues_the_curve(tiny, uninterru
     # Killed run, on 8 devices: SIGTERM while step KILL_AT runs -> it saves that step and stops.
     killed = Trainer(tiny.tiny_model(), tiny.train_config(
         MeshConfig(data=2, fsdp=2, tensor=2), run_dir=str(tmp_path)))
-    result = killed.fit(SigtermAt(tiny.batches(8), KILL_AT))
+    result = killed.fit(tiny.StopAt(tiny.batches(8), KILL_AT))
     assert result.stopped == "preempted" and result.step == KILL_AT
     assert result.checkpoint_step == KILL_AT
     np.testing.assert_allclose(_losses(result), reference[:KILL_AT], atol=1e-5, rtol=0)

@@ -4,6 +4,8 @@ multi-process worker (loaded by path: `load_tiny()` in conftest.py, `sys.path` i
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +70,27 @@ def max_abs_diff(a, b) -> float:
                          nnx.to_pure_dict(a) if isinstance(a, nnx.State) else a,
                          nnx.to_pure_dict(b) if isinstance(b, nnx.State) else b)
     return float(max(jax.tree.leaves(diffs)))
+
+
+class StopAt:
+    """Wraps a resumable batch iterator; sends this process `sig` once `at` batches are drawn
+    (as a scheduler stopping the job while step `at` runs)."""
+
+    def __init__(self, batches, at: int, sig: signal.Signals = signal.SIGTERM) -> None:
+        self.batches, self.at, self.sig, self.drawn = batches, at, sig, 0
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.drawn += 1
+        if self.drawn == self.at:
+            os.kill(os.getpid(), self.sig)
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def state(self):
+        return self.batches.state()
+
+    def restore(self, state):
+        self.batches.restore(state)
