@@ -62,7 +62,9 @@ from experiments.run_state import (
 )
 from experiments.slim_methods import Method, make_method, target_shapes
 from experiments.slim_report import (
+    curve_comparison,
     curves_by_method,
+    markdown_curve_table,
     markdown_table,
     plot_losses,
     plot_tradeoff,
@@ -343,11 +345,13 @@ def _write_results(ctx: Context, runs: list[dict[str, Any]], command: str,
     config, cap = ctx.config, ctx.capability
     higher = cap.higher_is_better(cap.headline)
     summary = summarize(runs, config.methods)
+    along = curve_comparison(runs, config.methods, ctx.base)
     results = {
         "preset": config.preset, "task": ctx.task.name, "num_train": len(ctx.task.train),
         "num_test": len(ctx.task.test), "general_headline": cap.headline,
         "general_higher_is_better": higher, "base": ctx.base, "summary": summary, "runs": runs,
         "wall_seconds": seconds, "devices": [str(d) for d in ctx.devices],
+        "curve_comparison": along,
     }
     write_json(ctx.out / "results.json", results)
     table = markdown_table(summary, ctx.base, headline=cap.headline, higher_is_better=higher)
@@ -356,7 +360,12 @@ def _write_results(ctx: Context, runs: list[dict[str, Any]], command: str,
                  f"Command: `{command}`\n\n"
                  f"{len(ctx.task.train)} training / {len(ctx.task.test)} test examples; majority "
                  f"answer {100 * ctx.base['majority']:.1f}%. Mean ± std over seeds; wall time "
-                 f"{seconds:.0f}s.\n\n" + table)
+                 f"{seconds:.0f}s.\n\n" + table
+                 + ("" if along is None else
+                    "\n## Along training (`--eval.curve-every`)\n\nEvery seed's path starts at "
+                    "the base model and joins its curve points (downstream accuracy on the "
+                    "curve's evaluation subset); see `curve_comparison` in "
+                    "experiments/slim_report.py.\n\n" + markdown_curve_table(along)))
     by_method: dict[str, list[str]] = {}
     for r in runs:
         by_method.setdefault(r["method"], []).append(str(Path(r["checkpoint"]).parent))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,123 @@ def curves_by_method(runs: Sequence[Record], methods: Sequence[str]
                            "forgetting": mean_std([c[step]["forgetting"] for c in mine])}
                           for step in steps]
     return curves
+
+
+Path2D = Sequence[tuple[float, float]]  # (forgetting, accuracy) points in step order
+
+
+def accuracy_at_forgetting(path: Path2D, budget: float) -> float | None:
+    """The best downstream accuracy a training path reaches while its forgetting stays within
+    `budget`: the path is piecewise linear between its measured points (in step order), so a
+    segment that crosses `budget` contributes its accuracy at the crossing. None when every
+    point lies beyond the budget.
+
+    >>> path = [(0.0, 0.0), (0.4, 0.5), (1.2, 0.7)]
+    >>> accuracy_at_forgetting(path, 0.8), accuracy_at_forgetting(path, 2.0)
+    (0.6, 0.7)
+    >>> accuracy_at_forgetting([(0.5, 0.3)], 0.1) is None
+    True
+    """
+    reached = [a for f, a in path if f <= budget]
+    for (f0, a0), (f1, a1) in pairwise(path):
+        if (f0 - budget) * (f1 - budget) < 0:  # the segment crosses the budget
+            reached.append(a0 + (a1 - a0) * (budget - f0) / (f1 - f0))
+    return max(reached) if reached else None
+
+
+def forgetting_at_accuracy(path: Path2D, target: float) -> float | None:
+    """The least forgetting at which a training path reaches downstream accuracy `target`
+    (piecewise linear between its points, as `accuracy_at_forgetting`); None when it never
+    does.
+
+    >>> path = [(0.0, 0.0), (0.4, 0.5), (1.2, 0.7)]
+    >>> forgetting_at_accuracy(path, 0.6), forgetting_at_accuracy(path, 0.9)
+    (0.8, None)
+    """
+    reached = [f for f, a in path if a >= target]
+    for (f0, a0), (f1, a1) in pairwise(path):
+        if (a0 - target) * (a1 - target) < 0:
+            reached.append(f0 + (f1 - f0) * (target - a0) / (a1 - a0))
+    return min(reached) if reached else None
+
+
+def mean_accuracy_within(path: Path2D, limit: float, samples: int = 1001) -> float:
+    """The area under a path's accuracy-at-forgetting frontier over forgetting [0, `limit`],
+    divided by `limit`: the mean best accuracy across forgetting budgets (trapezoid rule on
+    `samples` budgets; a budget no point fits counts as 0 accuracy).
+
+    >>> round(mean_accuracy_within([(0.0, 0.0), (1.0, 1.0)], 1.0), 3)
+    0.5
+    """
+    if limit <= 0:
+        raise ValueError(f"the forgetting range must be positive, got {limit}")
+    values = [accuracy_at_forgetting(path, limit * i / (samples - 1)) or 0.0
+              for i in range(samples)]
+    return (sum(values) - (values[0] + values[-1]) / 2) / (samples - 1)
+
+
+def curve_comparison(runs: Sequence[Record], methods: Sequence[str],
+                     base: Record) -> dict[str, Any] | None:
+    """Methods compared along their accuracy-forgetting curves (`--eval.curve-every`), not at
+    one point: every seed's path starts at the base model (step 0: the adapters start as a zero
+    change) and joins its curve points; budgets and targets are common to all methods.
+
+    - `forgetting_range` F: the least of the methods' largest mean forgetting along training,
+      so every method is measured over forgetting it actually reached;
+    - per method, mean ± std over seeds of: the mean accuracy over forgetting budgets [0, F]
+      (area under the frontier / F), the accuracy at forgetting <= F/2 and <= F, and the
+      forgetting at which accuracy reaches A/2 and A, A being the least of the methods' best
+      mean accuracies (a seed that never reaches a target is counted in `reached`, not in the
+      mean).
+    None when some method has no curve.
+    """
+    curves = curves_by_method(runs, methods)
+    if not curves or len(curves) < len({r["method"] for r in runs}):
+        return None
+    origin = (0.0, float(base["downstream"]))
+    limit = min(max(p["forgetting"][0] for p in points) for points in curves.values())
+    target = min(max(p["downstream"][0] for p in points) for points in curves.values())
+    if limit <= 0:
+        return None
+    rows = []
+    for method, points in curves.items():
+        steps = {p["step"] for p in points}
+        paths = [[origin, *((float(p["forgetting"]), float(p["downstream"]))
+                            for p in r["curve"] if int(p["step"]) in steps)]
+                 for r in runs if r["method"] == method]
+        row: dict[str, Any] = {"method": method, "seeds": len(paths),
+                               "mean_accuracy": mean_std([mean_accuracy_within(p, limit)
+                                                          for p in paths])}
+        for name, budget in (("accuracy_at_half_range", limit / 2), ("accuracy_at_range", limit)):
+            row[name] = mean_std([accuracy_at_forgetting(p, budget) or 0.0 for p in paths])
+        for name, goal in (("forgetting_at_half_target", target / 2),
+                           ("forgetting_at_target", target)):
+            found = [f for f in (forgetting_at_accuracy(p, goal) for p in paths) if f is not None]
+            row[name] = {"reached": len(found), "value": mean_std(found) if found else None}
+        rows.append(row)
+    return {"forgetting_range": limit, "accuracy_target": target, "rows": rows}
+
+
+def markdown_curve_table(comparison: Record) -> str:
+    """`curve_comparison` as a Markdown table (accuracies in %, forgetting in the headline
+    measure's units; mean ± std over seeds)."""
+    limit, target = comparison["forgetting_range"], comparison["accuracy_target"]
+    head = ["method", f"mean acc over forgetting [0, {limit:.3f}] (%)",
+            f"acc at forgetting <= {limit / 2:.3f} (%)", f"acc at forgetting <= {limit:.3f} (%)",
+            f"forgetting at acc {100 * target / 2:.1f}%", f"forgetting at acc {100 * target:.1f}%"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in comparison["rows"]:
+        cells = [f"`{row['method']}`", _cell(row["mean_accuracy"], percent=True),
+                 _cell(row["accuracy_at_half_range"], percent=True),
+                 _cell(row["accuracy_at_range"], percent=True)]
+        for name in ("forgetting_at_half_target", "forgetting_at_target"):
+            found = row[name]
+            cell = _cell(found["value"], 3) if found["value"] is not None else "not reached"
+            if found["reached"] < row["seeds"]:
+                cell += f" ({found['reached']} of {row['seeds']} seeds)"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(value: tuple[float, float], digits: int = 3, percent: bool = False) -> str:

@@ -73,6 +73,9 @@ def test_every_method_writes_parseable_outputs(run, shared_data):
     table = (out / "results.md").read_text()
     assert all(f"| `{m}` | 1 |" in table for m in METHODS) and "| base model |" in table
     assert "downstream acc by likelihood (%)" in table
+    along = results["curve_comparison"]  # None only when some method never forgot
+    assert along is None or [row["method"] for row in along["rows"]] == list(METHODS)
+    assert (along is not None) == ("## Along training" in table)
     for image in ("loss_curves.png", "tradeoff.png"):
         assert (out / image).read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "config.json").read_text())
