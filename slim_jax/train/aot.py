@@ -11,10 +11,11 @@ what one chip needs:
 
 (`memory_analysis()`), split here by kind from the shardings: frozen parameters, trained
 adapters, optimiser state, other state, the batch, and temporaries (activations and what the
-backward pass keeps); and its FLOPs per chip (`cost_analysis()`). At the chip's peak FLOP/s the
-step would take `flops / peak`, so `MFU <= model_flops / compiled_flops`: the upper bound a run
-could reach (rematerialisation lowers it: recomputed forward passes are FLOPs that do no model
-work).
+backward pass keeps); and its FLOPs per chip (`cost_analysis()`, with each loop's body counted
+as many times as the loop runs: `slim_jax.train.loop_flops`; XLA's own figure counts a scanned
+layer stack's body once). At the chip's peak FLOP/s the step would take `flops / peak`, so
+`MFU <= model_flops / compiled_flops`: the upper bound a run could reach (rematerialisation
+lowers it: recomputed forward passes are FLOPs that do no model work).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from slim_jax.nn import adapter_l1
 from slim_jax.parallel.mesh import make_mesh
 from slim_jax.parallel.sharding import batch_axes, check_global_batch, tree_shardings
 from slim_jax.parallel.topology import GIB, Topology, topology
+from slim_jax.train.loop_flops import loop_flops
 from slim_jax.train.metrics import count_params, training_flops_per_token
 from slim_jax.train.optimizer import make_optimizer
 from slim_jax.train.state import TrainState, cast_floating, resolve_frozen_dtype, split_model
@@ -128,12 +130,14 @@ class CompileReport:
       held: bytes per chip of each kind of input (`frozen`, `adapters`, `optimizer`, ...).
       temp_bytes: temporaries per chip (activations, what the backward pass keeps).
       total_bytes: arguments + outputs - aliased + temporaries + code, per chip.
-      flops: FLOPs per chip of one call.
+      flops: FLOPs per chip of one call, each loop's body counted as many times as it runs.
       model_flops: useful FLOPs per chip (the model's arithmetic), for the MFU bound; None if
         not estimated.
       compile_s: seconds to lower and compile (on this host).
-      loops: the program has a while loop, whose body `flops` counts once: then `flops` is a
+      flops_exact: False when the program has a loop whose trip count it does not state (one
+        that stops on data, such as greedy decoding): that body is counted once, `flops` is a
         lower bound and no MFU bound is given.
+      xla_flops: XLA's own figure (`cost_analysis()`: each loop body counted once).
     """
 
     program: str
@@ -145,7 +149,8 @@ class CompileReport:
     flops: float
     model_flops: float | None
     compile_s: float
-    loops: bool = False
+    flops_exact: bool = True
+    xla_flops: float | None = None
 
     @property
     def fits(self) -> bool:
@@ -161,7 +166,7 @@ class CompileReport:
     @property
     def mfu_bound(self) -> float | None:
         """`model_flops / flops`: the MFU a call could reach at best."""
-        if self.model_flops is None or not self.flops or self.loops:
+        if self.model_flops is None or not self.flops or not self.flops_exact:
             return None
         return self.model_flops / self.flops
 
@@ -170,14 +175,17 @@ class CompileReport:
         t = self.topology
         gib = lambda b: f"{b / GIB:.2f} GiB"
         held = ", ".join(f"{k} {gib(v)}" for k, v in self.held.items())
-        flops = "FLOPs per chip" + (" (loop bodies counted once: more in fact)" if self.loops
-                                    else "")
+        flops = f"  FLOPs per chip {self.flops:.3e}"
+        if not self.flops_exact:
+            flops += " (a data-dependent loop counted once: a lower bound)"
+        elif self.xla_flops is not None and self.xla_flops != self.flops:
+            flops += f" (loops as run; XLA's count, loop bodies once: {self.xla_flops:.3e})"
         out = [f"{self.program} on {t.name} ({len(t.devices)} x {t.device_kind}, "
                f"{t.hbm_bytes / GIB:.1f} GiB each), mesh {dict(self.mesh)}",
                f"  per chip: {held}, temporaries {gib(self.temp_bytes)}; total "
                f"{gib(self.total_bytes)} of {gib(t.hbm_bytes)} "
                f"({'fits' if self.fits else 'DOES NOT FIT'})",
-               f"  {flops} {self.flops:.3e}" if not math.isnan(self.flops)
+               flops if not math.isnan(self.flops)
                else "  not compiled: XLA found it needs more memory than the chip has"]
         if self.step_s_at_peak is not None:
             out[-1] += f"; at peak {t.peak_flops / 1e12:.0f} TFLOP/s: {self.step_s_at_peak:.3f} s"
@@ -223,17 +231,17 @@ def compile_program(
                                  temp + sum(kinds.values()), float("nan"), None,
                                  time.perf_counter() - start)
     seconds = time.perf_counter() - start
-    # XLA's cost analysis counts a loop's body once (it does not know the trip count): a
-    # program with a while loop (scanned layers, gradient accumulation, decoding) does more.
-    loops = " while(" in compiled.as_text()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
+    # XLA's cost analysis counts a loop's body once: a program with a while loop (scanned
+    # layers, gradient accumulation, decoding) does more; count each body as often as it runs.
+    flops = loop_flops(compiled.as_text(), float(cost.get("flops", 0.0)))
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes
              + memory.generated_code_size_in_bytes)
     return CompileReport(program, topo, dict(mesh.shape), dict(kinds), memory.temp_size_in_bytes,
-                         total, float(cost.get("flops", 0.0)), model_flops, seconds, loops)
+                         total, flops.flops, model_flops, seconds, flops.exact, flops.reported)
 
 
 def compile_train_step(
