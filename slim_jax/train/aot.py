@@ -38,7 +38,12 @@ from slim_jax.errors import ConfigError
 from slim_jax.models.registry import config_from_hf, family_for_config
 from slim_jax.nn import adapter_l1
 from slim_jax.parallel.mesh import make_mesh
-from slim_jax.parallel.sharding import batch_axes, check_global_batch, tree_shardings
+from slim_jax.parallel.sharding import (
+    batch_axes,
+    check_global_batch,
+    mesh_context,
+    tree_shardings,
+)
 from slim_jax.parallel.topology import GIB, Topology, topology
 from slim_jax.train.loop_flops import loop_flops
 from slim_jax.train.metrics import count_params, training_flops_per_token
@@ -216,7 +221,7 @@ def compile_program(
     start = time.perf_counter()
     jitted = fn if hasattr(fn, "lower") else jax.jit(
         fn, in_shardings=tuple(shardings), donate_argnums=donate)
-    with jax.set_mesh(mesh):
+    with mesh_context(mesh):
         lowered = jitted.lower(*args)
         try:
             compiled = lowered.compile()
@@ -244,27 +249,44 @@ def compile_program(
                          total, flops.flops, model_flops, seconds, flops.exact, flops.reported)
 
 
-def compile_train_step(
-    model: nnx.Module, topo: Topology, config: Any, *, batch_size: int, seq_len: int,
-) -> CompileReport:
+@dataclasses.dataclass(frozen=True)
+class TrainStepProgram:
+    """The training step of a run, ready to lower: `step.lower(*args)`.
+
+    Attributes:
+      step: the jitted step (`slim_jax.train.step.MeshJit`: lowered under the run's mesh and
+        rules).
+      args: its abstract arguments `(state, frozen, batch)`.
+      kinds: bytes per chip of each kind of input.
+      model_flops: the model's FLOPs of one step, all devices together.
+    """
+
+    step: Any
+    args: tuple[Any, ...]
+    kinds: Mapping[str, int]
+    model_flops: float
+
+
+def train_step_program(
+    model: nnx.Module, mesh: Mesh, config: Any, *, batch_size: int, seq_len: int,
+) -> TrainStepProgram:
     """The training step of `model` (abstract, adapters injected) as a `Trainer` runs it.
 
     Args:
       model: the abstract model with adapters (`nnx.eval_shape` of `model_factory`, then
         `slim_jax.nn.inject` under `nnx.eval_shape`).
-      topo: the topology.
+      mesh: the run's mesh (`make_mesh(config.mesh, devices)`).
       config: the run's `slim_jax.train.TrainConfig` (mesh, rules, frozen dtype, optimiser,
         gradient accumulation, L1).
       batch_size, seq_len: the global batch.
     """
-    mesh = make_mesh(config.mesh, topo.devices)
     rules = config.rules
     # The trainer's own check, so a batch the topology cannot split is one line, not XLA's trace.
     check_global_batch(batch_size, mesh, rules, micro_steps=config.grad_accum_steps)
     view = nnx.view(model, deterministic=False, use_running_average=False,
                     raise_if_not_found=False)
     graphdef, params, frozen, mutable = split_model(view)
-    frozen_dtype = resolve_frozen_dtype(config.frozen_dtype, topo.devices[0].platform)
+    frozen_dtype = resolve_frozen_dtype(config.frozen_dtype, mesh.devices.flat[0].platform)
     frozen = jax.eval_shape(lambda f: cast_floating(f, frozen_dtype), frozen)
     tx = make_optimizer(config.optimizer, config.steps)
     penalty = adapter_l1 if config.l1_coeff > 0 else None
@@ -283,8 +305,18 @@ def compile_train_step(
              "batch": bytes_per_chip(batch, {k: batch_on for k in batch})}
     tokens = batch_size * seq_len
     useful = training_flops_per_token(count_params(frozen), count_params(params)) * tokens
-    return compile_program("train step", step, (state, frozen, batch), (), topo, mesh,
-                           kinds=kinds, model_flops=useful / len(topo.devices))
+    return TrainStepProgram(step, (state, frozen, batch), kinds, useful)
+
+
+def compile_train_step(
+    model: nnx.Module, topo: Topology, config: Any, *, batch_size: int, seq_len: int,
+) -> CompileReport:
+    """The training step of `model` as a `Trainer` runs it (`train_step_program`), compiled for
+    `topo` over the run's mesh (`config.mesh`) and measured."""
+    mesh = make_mesh(config.mesh, topo.devices)
+    program = train_step_program(model, mesh, config, batch_size=batch_size, seq_len=seq_len)
+    return compile_program("train step", program.step, program.args, (), topo, mesh,
+                           kinds=program.kinds, model_flops=program.model_flops / mesh.size)
 
 
 def summary(reports: Sequence[CompileReport]) -> tuple[int, str]:
@@ -317,6 +349,7 @@ def report(reports: Iterable[CompileReport], print_fn: Callable[[str], None] = p
 __all__ = [
     "ARCHITECTURES",
     "CompileReport",
+    "TrainStepProgram",
     "architecture",
     "bytes_per_chip",
     "compile_program",
@@ -325,4 +358,5 @@ __all__ = [
     "report",
     "summary",
     "topology",
+    "train_step_program",
 ]

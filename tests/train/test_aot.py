@@ -154,8 +154,8 @@ def test_scanned_train_step_counts_every_layer_like_the_unrolled_one_on_v5e_4():
         return nnx.eval_shape(build)
 
     config = TrainConfig(steps=10, frozen_dtype="bfloat16", mesh=MeshConfig(data=1, fsdp=-1))
-    scanned, unrolled = (compile_train_step(make(scan), topology("v5e-4"), config,
-                                            batch_size=BATCH, seq_len=SEQ) for scan in (True, False))
+    scanned, unrolled = (compile_train_step(make(scan), topology("v5e-4"), config, batch_size=BATCH,
+                                            seq_len=SEQ) for scan in (True, False))
     assert scanned.fits and scanned.flops_exact and scanned.mfu_bound > 0
     assert scanned.xla_flops < 0.7 * scanned.flops  # XLA alone: one of the three layers
     assert scanned.flops == pytest.approx(unrolled.flops, rel=0.05)
