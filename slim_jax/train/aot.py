@@ -102,15 +102,18 @@ def model_factory(
     Args:
       config: a Hugging Face config (`architecture`).
       dtype, param_dtype: compute and parameter dtypes.
-      overrides: fields of the family's config to set when it has them (e.g. `remat`,
-        `scan_layers` on a `LlamaConfig`); names the config lacks are ignored.
+      overrides: fields of the family's config to set (e.g. `remat`, `scan_layers`).
 
     Raises:
-      ConfigError: a model_type slim_jax does not implement.
+      ConfigError: a model_type slim_jax does not implement, or an override its config lacks.
     """
     cfg = config_from_hf(config, source="architecture", dtype=dtype, param_dtype=param_dtype)
     known = {f.name for f in dataclasses.fields(cfg)}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in (overrides or {}).items() if k in known})
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ConfigError(f"{type(cfg).__name__} has no field {unknown[0]!r}: this model family "
+                          "does not take that setting")
+    cfg = dataclasses.replace(cfg, **(overrides or {}))
     family = family_for_config(cfg)
     return lambda: family(cfg, rngs=nnx.Rngs(0))
 

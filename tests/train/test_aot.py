@@ -79,9 +79,11 @@ def test_a_program_larger_than_the_chip_does_not_fit(v5e4_report):
     assert code == 1 and last.startswith("does not fit: train step needs ")
 
 
-def test_abstract_model_takes_config_overrides_it_has():
-    model = nnx.eval_shape(model_factory(SMALL, overrides={"num_layers": 1, "not_a_field": True}))
+def test_abstract_model_takes_config_overrides_and_refuses_unknown_ones():
+    model = nnx.eval_shape(model_factory(SMALL, overrides={"num_layers": 1}))
     assert len(model.layers) == 1
+    with pytest.raises(ConfigError, match="LlamaConfig has no field 'not_a_field'"):
+        model_factory(SMALL, overrides={"not_a_field": True})
 
 
 def jax_leaves(tree):
