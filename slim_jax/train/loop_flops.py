@@ -4,9 +4,9 @@ XLA's cost analysis (`Compiled.cost_analysis()`) counts the body of a `while` lo
 program whose layers run under `jax.lax.scan` (`LlamaConfig.scan_layers`), or whose gradient
 accumulation is a scan, reports the FLOPs of one layer (one micro-step) where L run. The
 compiled program states each loop's trip count (the CPU compiler annotates it,
-`known_trip_count`; the TPU compiler leaves the loop's `i < N` condition, its counter's
-start value and its step), so the exact count is, for every loop `w` of the program
-(nested loops recursively):
+`known_trip_count`; the TPU compiler leaves the loop's `i < N` condition, N a constant or a
+value the loop carries unchanged, its counter's start value and its step), so the exact
+count is, for every loop `w` of the program (nested loops recursively):
 
     flops = reported + sum_w (n_w * flops(body_w) - reported(body_w))
 
@@ -176,13 +176,19 @@ class _Module:
             left, right = right, left
         elif "direction=LT" not in compare.line:
             return None
-        index, bound = self.tuple_index(cond, left), self.constant(cond, right)
+        index = self.tuple_index(cond, left)
         init = self.source(comp, loop.operands[0])
         update = self.root(body)
-        if None in (index, bound, init, update) or init.opcode != "tuple" \
-                or update.opcode != "tuple":
+        if None in (index, init, update) or init.opcode != "tuple" or update.opcode != "tuple":
             return None
+        bound = self.constant(cond, right)
+        carried = self.tuple_index(cond, right)
+        if bound is None and carried is not None \
+                and self.tuple_index(body, update.operands[carried]) == carried:
+            bound = self.constant(comp, init.operands[carried])  # `i < n`, n carried unchanged
         start = self.constant(comp, init.operands[index])
+        if bound is None:
+            return None
         add = self.source(body, update.operands[index])
         if start is None or add is None or add.opcode != "add":
             return None

@@ -55,3 +55,24 @@ def test_a_loop_that_stops_on_data_is_counted_once_and_flagged():
 
     r = _count(until_small, X, WS[0])
     assert r.trip_counts == (None,) and not r.exact and r.flops == r.reported
+
+
+def test_a_fori_loop_carrying_its_bound_counts_on_tpu():
+    # lax.fori_loop carries its upper bound through the loop: the TPU program's condition is
+    # `i < carried n`, with n set before the loop (the CPU compiler annotates the count).
+    libtpu = pytest.importorskip("libtpu")
+    del libtpu
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from slim_jax.parallel import MeshConfig, make_mesh
+    from slim_jax.parallel.topology import topology
+
+    def fori(x, w):
+        return jax.lax.fori_loop(0, 6, lambda i, c: jnp.tanh(c @ w), x).sum()
+
+    mesh = make_mesh(MeshConfig(data=1), topology("v5e-4").devices[:1])
+    on = NamedSharding(mesh, PartitionSpec())
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on) for a in (X, WS[0])]
+    compiled = jax.jit(fori).lower(*args).compile()
+    r = loop_flops(compiled.as_text(), compiled.cost_analysis()["flops"])
+    assert r.trip_counts == (6,) and r.flops >= 6 * 2 * 16 * 32 * 32 > r.reported
