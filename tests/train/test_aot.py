@@ -148,8 +148,7 @@ def test_scanned_train_step_counts_every_layer_like_the_unrolled_one_on_v5e_4():
     # program's loop condition gives the trip count), so both layouts report the same step.
     def make(scan):
         def build():
-            model = model_factory(SMALL, overrides={"scan_layers": scan, "remat": "full",
-                                                    "num_layers": 3})()
+            model = model_factory(SMALL, overrides={"scan_layers": scan, "num_layers": 3})()
             inject(model, r"(q|v)_proj$", LoRAConfig(rank=4), rngs=nnx.Rngs(1))
             return model
 
