@@ -18,6 +18,7 @@ from flax import nnx
 
 from slim_jax.errors import ConfigError
 from slim_jax.lorahub.aot import compile_generation, compile_population
+from slim_jax.models.registry import config_from_hf
 from slim_jax.parallel.topology import topology
 from slim_jax.train.aot import (
     architecture,
@@ -32,9 +33,6 @@ KNOWN_MODELS = {
     "meta-llama/Meta-Llama-3-8B": "llama-3-8b",
     "google/flan-t5-large": "flan-t5-large",
 }
-# Model config fields a preset may set for the model (rematerialisation, layer scan, attention);
-# each is passed on when the family's config has it.
-MODEL_FIELDS = ("remat", "scan_layers", "attention")
 POPULATIONS = (16, 64)
 
 
@@ -44,9 +42,11 @@ def _factory(model_spec: Any) -> Any:
         raise ConfigError("--compile-only builds Hugging Face architectures (a config.json or a "
                           f"built-in one: {', '.join(KNOWN_MODELS)}); {path!r} is a llama2.c "
                           "checkpoint")
-    overrides = {k: getattr(model_spec, k) for k in MODEL_FIELDS if hasattr(model_spec, k)}
-    return model_factory(architecture(KNOWN_MODELS.get(path, path)), dtype=model_spec.dtype,
-                         param_dtype=model_spec.param_dtype, overrides=overrides)
+    arch = architecture(KNOWN_MODELS.get(path, path))
+    # `--model.remat` / `--model.scan-layers` as set; one line when the family's config lacks one.
+    fields = {f.name for f in dataclasses.fields(config_from_hf(arch, source=path))}
+    return model_factory(arch, dtype=model_spec.dtype, param_dtype=model_spec.param_dtype,
+                         overrides=model_spec.config_overrides(fields))
 
 
 def _check(config: Any) -> None:

@@ -12,7 +12,9 @@ Presets:
   all six methods over three seeds in minutes on a laptop CPU.
 - `pod_multi`: the paper's multi-dataset run: an 8B Llama-3-class model (OpenChat-3.6, the
   paper's OpenChat-8B family; a hub id or local folder) on OpenBookQA + SIQA + BoolQ, forgetting
-  on MMLU, GSM8K and PIQA; 2 epochs, batch 16, FSDP over every device, layers scanned.
+  on MMLU, GSM8K and PIQA; 2 epochs, batch 16 (the paper's), layers scanned; the mesh pairs
+  chips for tensor parallelism and shards over the pairs (`fsdp=-1, tensor=2`), so the 16 rows
+  split over the 16 pairs of the documented topology, a v5p-64 (32 chips; benchmarks/POD.md).
 - `pod_csqa`, `pod_hellaswag`, `pod_winogrande`, `pod_arc_e`, `pod_arc_c`: the paper's single-data-
   set runs, otherwise as `pod_multi`.
 """
@@ -273,7 +275,10 @@ def _pod(names: tuple[str, ...], preset: str) -> SlimExperiment:
                         num_clusters=8, dropmerge_p=0.3, yield_quantile=0.9),
         train=TrainConfig(
             steps=1000, l1_coeff=1e-3, log_every=10, save_every=100, keep_checkpoints=1,
-            frozen_dtype="bfloat16", progress=True, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+            frozen_dtype="bfloat16", progress=True,
+            # v5p-64: 16 fsdp x 2 tensor, one row per pair (fsdp over all 32 chips would need
+            # a batch of 32); compiled to fit in benchmarks/POD.md.
+            mesh=MeshConfig(data=1, fsdp=-1, tensor=2),
             optimizer=OptimizerConfig(learning_rate=2e-4, warmup_steps=100),
         ),
     )

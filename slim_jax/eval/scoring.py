@@ -11,6 +11,7 @@ redrawn on every forward pass there too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from flax import nnx
 from slim_jax.data import BatchIterator, CausalLayout, TokenizedExample
 from slim_jax.errors import ConfigError
 from slim_jax.models.functional import call_split, split_model
+from slim_jax.parallel.rules import Rules
+from slim_jax.parallel.sharding import activation_rules, current_rules, mesh_context, model_mesh
 
 Batch = Mapping[str, jax.Array]
 
@@ -50,10 +53,11 @@ def require_causal(model: nnx.Module, what: str) -> None:
                           "slim_jax.lorahub (encoder-decoder tasks) or a decoder-only model")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _apply(fn: Callable[..., Any], graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
-           *args: Any) -> tuple[Any, nnx.State]:
-    return call_split(graphdef, params, rest, lambda model: fn(model, *args))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _apply(fn: Callable[..., Any], graphdef: nnx.GraphDef, rules: Rules, params: nnx.State,
+           rest: nnx.State, *args: Any) -> tuple[Any, nnx.State]:
+    with activation_rules(rules):  # static: one compiled program per set of rules
+        return call_split(graphdef, params, rest, lambda model: fn(model, *args))
 
 
 def apply_model(model: nnx.Module, fn: Callable[..., Any], *args: Any) -> Any:
@@ -71,7 +75,11 @@ def apply_model(model: nnx.Module, fn: Callable[..., Any], *args: Any) -> Any:
     (4, 2)
     """
     graphdef, params, rest = split_model(model)
-    out, rest = _apply(fn, graphdef, params, rest, *args)
+    # A model sharded over a mesh runs under it, as the Trainer's step does: its activation
+    # constraints take effect (with the rules of an enclosing `mesh_context`, else the defaults).
+    mesh = model_mesh(params)
+    with mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+        out, rest = _apply(fn, graphdef, current_rules(), params, rest, *args)
     nnx.update(model, rest)
     return out
 

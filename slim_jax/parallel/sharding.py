@@ -8,7 +8,9 @@ of AdamW are split exactly like the parameters they track, with no extra bookkee
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import jax
@@ -153,25 +155,81 @@ def create_sharded(create: Callable[[], M], mesh: Mesh, rules: Rules = DEFAULT_R
     return nnx.merge(graphdef, init())
 
 
+_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("activation_rules",
+                                                                     default=None)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
+    """`jax.set_mesh(mesh)` together with the logical-axis rules of the activation constraints
+    (`constrain`) traced inside it: the run's rules (`TrainConfig.rules`) reach the model's
+    constraints as its mesh does. `rules` None keeps the rules of an enclosing context (else
+    `DEFAULT_RULES`).
+
+    Enter it outside `jax.jit`, around the call that traces (the Trainer's step does,
+    `slim_jax.train.step.MeshJit`). A jitted function's cache is keyed by the mesh, not by
+    the rules: call one jitted function under one set of rules.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from slim_jax.parallel.mesh import MeshConfig, make_mesh
+    >>> mesh = make_mesh(MeshConfig(data=-1))
+    >>> with mesh_context(mesh, (("batch", None), ("embed", "data"))):  # embed split, not batch
+    ...     y = jax.jit(lambda x: constrain(2 * x, ("batch", "embed")))(jnp.ones((8, 8)))
+    >>> y.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(None, "data")), 2)
+    True
+    """
+    with jax.set_mesh(mesh), activation_rules(rules):
+        yield mesh
+
+
+@contextlib.contextmanager
+def activation_rules(rules: Rules | None) -> Iterator[Rules]:
+    """The rules of the activation constraints (`constrain`) traced inside (None: keep those
+    already set); unlike `mesh_context`, this may be entered inside a traced function, so a
+    jitted function can take its rules as a static argument (then its cache is keyed by them)."""
+    token = _RULES.set(rules if rules is not None else _RULES.get())
+    try:
+        yield current_rules()
+    finally:
+        _RULES.reset(token)
+
+
+def current_rules() -> Rules:
+    """The rules of the enclosing `mesh_context` / `activation_rules`, else `DEFAULT_RULES`."""
+    return _RULES.get() or DEFAULT_RULES
+
+
+def model_mesh(tree: Any) -> Mesh | None:
+    """The mesh `tree`'s arrays are laid out on (the first `NamedSharding` over more than one
+    device), or None: unsharded, abstract or traced values."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) and not \
+            isinstance(leaf, jax.core.Tracer) else None
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
 def constrain(
     x: jax.Array,
     logical_axes: tuple[str | None, ...],
-    rules: Rules = DEFAULT_RULES,
+    rules: Rules | None = None,
     mesh: Mesh | AbstractMesh | None = None,
 ) -> jax.Array:
     """`x` constrained to the sharding its dimensions' logical names give (an activation).
 
     For the places where XLA's propagation picks badly inside a step, e.g. attention scores
     `("batch", "heads", None, None)`: batch on the batch axes, heads on `tensor`. The mesh is
-    `mesh`, else the one set around the computation (`jax.set_mesh(mesh)` around the call that
-    traces it: compile-only runs and the Trainer's step do); with neither, or inside `shard_map`
-    (manual axes), `x` is returned as it is, so models may call this whether or not they run
-    sharded.
+    `mesh`, else the one set around the computation (`mesh_context(mesh, rules)` around the call
+    that traces it: compile-only runs and the Trainer's step do); with neither, or inside
+    `shard_map` (manual axes), `x` is returned as it is, so models may call this whether or not
+    they run sharded.
 
     Args:
       x: the array, inside a traced function.
       logical_axes: one logical name (or None) per dimension of `x`.
-      rules: logical-axis rules.
+      rules: logical-axis rules; default those of the enclosing `mesh_context`, else
+        `DEFAULT_RULES`.
       mesh: the device mesh; default the ambient one.
 
     >>> import jax, jax.numpy as jnp
@@ -189,6 +247,7 @@ def constrain(
         return x
     if any(kind == AxisType.Manual for kind in mesh.axis_types):
         return x  # inside shard_map (e.g. LoRAHub's population split): the caller shards by hand
+    rules = rules if rules is not None else current_rules()
     spec = logical_to_spec(logical_axes, x.shape, mesh, rules, where="activation")
     target = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
     return jax.lax.with_sharding_constraint(x, target)

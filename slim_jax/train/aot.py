@@ -11,10 +11,11 @@ what one chip needs:
 
 (`memory_analysis()`), split here by kind from the shardings: frozen parameters, trained
 adapters, optimiser state, other state, the batch, and temporaries (activations and what the
-backward pass keeps); and its FLOPs per chip (`cost_analysis()`). At the chip's peak FLOP/s the
-step would take `flops / peak`, so `MFU <= model_flops / compiled_flops`: the upper bound a run
-could reach (rematerialisation lowers it: recomputed forward passes are FLOPs that do no model
-work).
+backward pass keeps); and its FLOPs per chip (`cost_analysis()`, with each loop's body counted
+as many times as the loop runs: `slim_jax.train.loop_flops`; XLA's own figure counts a scanned
+layer stack's body once). At the chip's peak FLOP/s the step would take `flops / peak`, so
+`MFU <= model_flops / compiled_flops`: the upper bound a run could reach (rematerialisation
+lowers it: recomputed forward passes are FLOPs that do no model work).
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ from slim_jax.errors import ConfigError
 from slim_jax.models.registry import config_from_hf, family_for_config
 from slim_jax.nn import adapter_l1
 from slim_jax.parallel.mesh import make_mesh
-from slim_jax.parallel.sharding import batch_axes, check_global_batch, tree_shardings
+from slim_jax.parallel.sharding import (
+    batch_axes,
+    check_global_batch,
+    mesh_context,
+    tree_shardings,
+)
 from slim_jax.parallel.topology import GIB, Topology, topology
+from slim_jax.train.loop_flops import loop_flops
 from slim_jax.train.metrics import count_params, training_flops_per_token
 from slim_jax.train.optimizer import make_optimizer
 from slim_jax.train.state import TrainState, cast_floating, resolve_frozen_dtype, split_model
@@ -95,15 +102,18 @@ def model_factory(
     Args:
       config: a Hugging Face config (`architecture`).
       dtype, param_dtype: compute and parameter dtypes.
-      overrides: fields of the family's config to set when it has them (e.g. `remat`,
-        `scan_layers` on a `LlamaConfig`); names the config lacks are ignored.
+      overrides: fields of the family's config to set (e.g. `remat`, `scan_layers`).
 
     Raises:
-      ConfigError: a model_type slim_jax does not implement.
+      ConfigError: a model_type slim_jax does not implement, or an override its config lacks.
     """
     cfg = config_from_hf(config, source="architecture", dtype=dtype, param_dtype=param_dtype)
     known = {f.name for f in dataclasses.fields(cfg)}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in (overrides or {}).items() if k in known})
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ConfigError(f"{type(cfg).__name__} has no field {unknown[0]!r}: this model family "
+                          "does not take that setting")
+    cfg = dataclasses.replace(cfg, **(overrides or {}))
     family = family_for_config(cfg)
     return lambda: family(cfg, rngs=nnx.Rngs(0))
 
@@ -128,12 +138,14 @@ class CompileReport:
       held: bytes per chip of each kind of input (`frozen`, `adapters`, `optimizer`, ...).
       temp_bytes: temporaries per chip (activations, what the backward pass keeps).
       total_bytes: arguments + outputs - aliased + temporaries + code, per chip.
-      flops: FLOPs per chip of one call.
+      flops: FLOPs per chip of one call, each loop's body counted as many times as it runs.
       model_flops: useful FLOPs per chip (the model's arithmetic), for the MFU bound; None if
         not estimated.
       compile_s: seconds to lower and compile (on this host).
-      loops: the program has a while loop, whose body `flops` counts once: then `flops` is a
+      flops_exact: False when the program has a loop whose trip count it does not state (one
+        that stops on data, such as greedy decoding): that body is counted once, `flops` is a
         lower bound and no MFU bound is given.
+      xla_flops: XLA's own figure (`cost_analysis()`: each loop body counted once).
     """
 
     program: str
@@ -145,7 +157,8 @@ class CompileReport:
     flops: float
     model_flops: float | None
     compile_s: float
-    loops: bool = False
+    flops_exact: bool = True
+    xla_flops: float | None = None
 
     @property
     def fits(self) -> bool:
@@ -161,7 +174,7 @@ class CompileReport:
     @property
     def mfu_bound(self) -> float | None:
         """`model_flops / flops`: the MFU a call could reach at best."""
-        if self.model_flops is None or not self.flops or self.loops:
+        if self.model_flops is None or not self.flops or not self.flops_exact:
             return None
         return self.model_flops / self.flops
 
@@ -170,14 +183,17 @@ class CompileReport:
         t = self.topology
         gib = lambda b: f"{b / GIB:.2f} GiB"
         held = ", ".join(f"{k} {gib(v)}" for k, v in self.held.items())
-        flops = "FLOPs per chip" + (" (loop bodies counted once: more in fact)" if self.loops
-                                    else "")
+        flops = f"  FLOPs per chip {self.flops:.3e}"
+        if not self.flops_exact:
+            flops += " (a data-dependent loop counted once: a lower bound)"
+        elif self.xla_flops is not None and self.xla_flops != self.flops:
+            flops += f" (loops as run; XLA's count, loop bodies once: {self.xla_flops:.3e})"
         out = [f"{self.program} on {t.name} ({len(t.devices)} x {t.device_kind}, "
                f"{t.hbm_bytes / GIB:.1f} GiB each), mesh {dict(self.mesh)}",
                f"  per chip: {held}, temporaries {gib(self.temp_bytes)}; total "
                f"{gib(self.total_bytes)} of {gib(t.hbm_bytes)} "
                f"({'fits' if self.fits else 'DOES NOT FIT'})",
-               f"  {flops} {self.flops:.3e}" if not math.isnan(self.flops)
+               flops if not math.isnan(self.flops)
                else "  not compiled: XLA found it needs more memory than the chip has"]
         if self.step_s_at_peak is not None:
             out[-1] += f"; at peak {t.peak_flops / 1e12:.0f} TFLOP/s: {self.step_s_at_peak:.3f} s"
@@ -208,7 +224,7 @@ def compile_program(
     start = time.perf_counter()
     jitted = fn if hasattr(fn, "lower") else jax.jit(
         fn, in_shardings=tuple(shardings), donate_argnums=donate)
-    with jax.set_mesh(mesh):
+    with mesh_context(mesh):
         lowered = jitted.lower(*args)
         try:
             compiled = lowered.compile()
@@ -223,40 +239,57 @@ def compile_program(
                                  temp + sum(kinds.values()), float("nan"), None,
                                  time.perf_counter() - start)
     seconds = time.perf_counter() - start
-    # XLA's cost analysis counts a loop's body once (it does not know the trip count): a
-    # program with a while loop (scanned layers, gradient accumulation, decoding) does more.
-    loops = " while(" in compiled.as_text()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
+    # XLA's cost analysis counts a loop's body once: a program with a while loop (scanned
+    # layers, gradient accumulation, decoding) does more; count each body as often as it runs.
+    flops = loop_flops(compiled.as_text(), float(cost.get("flops", 0.0)))
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes
              + memory.generated_code_size_in_bytes)
     return CompileReport(program, topo, dict(mesh.shape), dict(kinds), memory.temp_size_in_bytes,
-                         total, float(cost.get("flops", 0.0)), model_flops, seconds, loops)
+                         total, flops.flops, model_flops, seconds, flops.exact, flops.reported)
 
 
-def compile_train_step(
-    model: nnx.Module, topo: Topology, config: Any, *, batch_size: int, seq_len: int,
-) -> CompileReport:
+@dataclasses.dataclass(frozen=True)
+class TrainStepProgram:
+    """The training step of a run, ready to lower: `step.lower(*args)`.
+
+    Attributes:
+      step: the jitted step (`slim_jax.train.step.MeshJit`: lowered under the run's mesh and
+        rules).
+      args: its abstract arguments `(state, frozen, batch)`.
+      kinds: bytes per chip of each kind of input.
+      model_flops: the model's FLOPs of one step, all devices together.
+    """
+
+    step: Any
+    args: tuple[Any, ...]
+    kinds: Mapping[str, int]
+    model_flops: float
+
+
+def train_step_program(
+    model: nnx.Module, mesh: Mesh, config: Any, *, batch_size: int, seq_len: int,
+) -> TrainStepProgram:
     """The training step of `model` (abstract, adapters injected) as a `Trainer` runs it.
 
     Args:
       model: the abstract model with adapters (`nnx.eval_shape` of `model_factory`, then
         `slim_jax.nn.inject` under `nnx.eval_shape`).
-      topo: the topology.
+      mesh: the run's mesh (`make_mesh(config.mesh, devices)`).
       config: the run's `slim_jax.train.TrainConfig` (mesh, rules, frozen dtype, optimiser,
         gradient accumulation, L1).
       batch_size, seq_len: the global batch.
     """
-    mesh = make_mesh(config.mesh, topo.devices)
     rules = config.rules
     # The trainer's own check, so a batch the topology cannot split is one line, not XLA's trace.
     check_global_batch(batch_size, mesh, rules, micro_steps=config.grad_accum_steps)
     view = nnx.view(model, deterministic=False, use_running_average=False,
                     raise_if_not_found=False)
     graphdef, params, frozen, mutable = split_model(view)
-    frozen_dtype = resolve_frozen_dtype(config.frozen_dtype, topo.devices[0].platform)
+    frozen_dtype = resolve_frozen_dtype(config.frozen_dtype, mesh.devices.flat[0].platform)
     frozen = jax.eval_shape(lambda f: cast_floating(f, frozen_dtype), frozen)
     tx = make_optimizer(config.optimizer, config.steps)
     penalty = adapter_l1 if config.l1_coeff > 0 else None
@@ -275,8 +308,18 @@ def compile_train_step(
              "batch": bytes_per_chip(batch, {k: batch_on for k in batch})}
     tokens = batch_size * seq_len
     useful = training_flops_per_token(count_params(frozen), count_params(params)) * tokens
-    return compile_program("train step", step, (state, frozen, batch), (), topo, mesh,
-                           kinds=kinds, model_flops=useful / len(topo.devices))
+    return TrainStepProgram(step, (state, frozen, batch), kinds, useful)
+
+
+def compile_train_step(
+    model: nnx.Module, topo: Topology, config: Any, *, batch_size: int, seq_len: int,
+) -> CompileReport:
+    """The training step of `model` as a `Trainer` runs it (`train_step_program`), compiled for
+    `topo` over the run's mesh (`config.mesh`) and measured."""
+    mesh = make_mesh(config.mesh, topo.devices)
+    program = train_step_program(model, mesh, config, batch_size=batch_size, seq_len=seq_len)
+    return compile_program("train step", program.step, program.args, (), topo, mesh,
+                           kinds=program.kinds, model_flops=program.model_flops / mesh.size)
 
 
 def summary(reports: Sequence[CompileReport]) -> tuple[int, str]:
@@ -309,6 +352,7 @@ def report(reports: Iterable[CompileReport], print_fn: Callable[[str], None] = p
 __all__ = [
     "ARCHITECTURES",
     "CompileReport",
+    "TrainStepProgram",
     "architecture",
     "bytes_per_chip",
     "compile_program",
@@ -317,4 +361,5 @@ __all__ = [
     "report",
     "summary",
     "topology",
+    "train_step_program",
 ]

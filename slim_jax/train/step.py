@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from slim_jax.parallel import DEFAULT_RULES, Rules, batch_axes, tree_shardings
+from slim_jax.parallel import DEFAULT_RULES, Rules, batch_axes, mesh_context, tree_shardings
 from slim_jax.train.forward import masked_batch_logits
 from slim_jax.train.loss import target_cross_entropy
 from slim_jax.train.state import Filter, TrainState
@@ -60,28 +60,31 @@ class StepDefinition:
 
 @dataclasses.dataclass(frozen=True)
 class MeshJit:
-    """A jitted function traced, lowered and called with its mesh set (`jax.set_mesh`).
+    """A jitted function traced, lowered and called with its mesh and rules set
+    (`slim_jax.parallel.mesh_context`: `jax.set_mesh` and the logical-axis rules).
 
     `jax.set_mesh` works only outside `jax.jit`, and the mesh in context is part of what a jit
     traces, so both the call and `lower` enter it. Inside, the models' activation constraints
-    (`slim_jax.parallel.constrain`, by logical axis) see the mesh and take effect; without it
-    they are inert.
+    (`slim_jax.parallel.constrain`, by logical axis) see the mesh and `rules` and take effect;
+    without a mesh they are inert.
 
     Attributes:
       fn: the `jax.jit`-wrapped function.
       mesh: the device mesh of its shardings.
+      rules: the logical-axis rules of its shardings, for the activation constraints.
     """
 
     fn: Any
     mesh: Mesh
+    rules: Rules = DEFAULT_RULES
 
     def __call__(self, *args: Any) -> Any:
-        with jax.set_mesh(self.mesh):
+        with mesh_context(self.mesh, self.rules):
             return self.fn(*args)
 
     def lower(self, *args: Any) -> Any:
         """`fn.lower(*args)` under the mesh (ahead-of-time compilation: `.compile()` it)."""
-        with jax.set_mesh(self.mesh):
+        with mesh_context(self.mesh, self.rules):
             return self.fn.lower(*args)
 
 
@@ -173,7 +176,8 @@ def compile_train_step(
     rules: Rules = DEFAULT_RULES,
 ) -> MeshJit:
     """`train_step` under `jax.jit` with explicit in/out shardings and the state donated, traced
-    and called under `jax.set_mesh(mesh)` (`MeshJit`) so the model's activation constraints apply.
+    and called under `mesh_context(mesh, rules)` (`MeshJit`) so the model's activation
+    constraints apply with the run's rules.
 
     The state and frozen shardings come from the variables' logical axes (`tree_shardings`); the
     batch is split along dimension 0 over the batch mesh axes; metrics are replicated. The state's
@@ -224,4 +228,4 @@ def compile_train_step(
         in_shardings=(state_sharding, frozen_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
-    ), mesh)
+    ), mesh, rules)

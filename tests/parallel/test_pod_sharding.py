@@ -78,7 +78,7 @@ def test_no_matrix_is_replicated_across_fsdp_when_it_could_be_split(model, shape
 
 
 def test_pod_mesh_shards_every_adapter_over_all_64_chips(model):
-    mesh = AbstractMesh((1, 64, 1), AXES)  # the pod presets: data=1, fsdp=-1, tensor=1
+    mesh = AbstractMesh((1, 64, 1), AXES)  # fsdp over every chip (data=1, fsdp=-1, tensor=1)
     adapters = _leaves(nnx.state(model, nnx.LoRAParam), mesh)
     assert adapters
     total = per_chip = 0

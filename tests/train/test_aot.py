@@ -66,7 +66,7 @@ def test_train_step_compiles_for_v5e_4_and_reports_per_chip(v5e4_report):
     assert r.held["optimizer"] >= 2 * r.held["adapters"] > 0  # Adam's two moments
     assert r.held["batch"] == (4 * 4 + 4) * BATCH * SEQ // 4  # 4 int32 keys + a float mask
     assert r.temp_bytes >= 0 and r.total_bytes >= sum(r.held.values())
-    assert r.flops > 0 and r.fits and not r.loops
+    assert r.flops > 0 and r.fits and r.flops_exact
     assert r.mfu_bound > 0 and r.step_s_at_peak == r.flops / 197e12
     lines = []
     assert report([r], lines.append) == 0
@@ -79,9 +79,11 @@ def test_a_program_larger_than_the_chip_does_not_fit(v5e4_report):
     assert code == 1 and last.startswith("does not fit: train step needs ")
 
 
-def test_abstract_model_takes_config_overrides_it_has():
-    model = nnx.eval_shape(model_factory(SMALL, overrides={"num_layers": 1, "not_a_field": True}))
+def test_abstract_model_takes_config_overrides_and_refuses_unknown_ones():
+    model = nnx.eval_shape(model_factory(SMALL, overrides={"num_layers": 1}))
     assert len(model.layers) == 1
+    with pytest.raises(ConfigError, match="LlamaConfig has no field 'not_a_field'"):
+        model_factory(SMALL, overrides={"not_a_field": True})
 
 
 def jax_leaves(tree):
@@ -141,13 +143,21 @@ def test_a_batch_the_topology_cannot_split_is_one_clear_error():
         compile_train_step(_model(), topology("v5e-4"), config, batch_size=6, seq_len=SEQ)
 
 
-def test_scanned_train_step_compiles_for_v5e_4_with_one_layer_loop():
-    def make():
-        model = model_factory(SMALL, overrides={"scan_layers": True, "remat": "full"})()
-        inject(model, r"(q|v)_proj$", LoRAConfig(rank=4), rngs=nnx.Rngs(1))
-        return model
+def test_scanned_train_step_counts_every_layer_like_the_unrolled_one_on_v5e_4():
+    # XLA counts the scanned layer body once; compile-only counts it per layer (the TPU
+    # program's loop condition gives the trip count), so both layouts report the same step.
+    def make(scan):
+        def build():
+            model = model_factory(SMALL, overrides={"scan_layers": scan, "num_layers": 3})()
+            inject(model, r"(q|v)_proj$", LoRAConfig(rank=4), rngs=nnx.Rngs(1))
+            return model
+
+        return nnx.eval_shape(build)
 
     config = TrainConfig(steps=10, frozen_dtype="bfloat16", mesh=MeshConfig(data=1, fsdp=-1))
-    r = compile_train_step(nnx.eval_shape(make), topology("v5e-4"), config, batch_size=BATCH,
-                           seq_len=SEQ)
-    assert r.fits and r.loops and r.mfu_bound is None  # the layer scan is a while loop
+    scanned, unrolled = (compile_train_step(make(scan), topology("v5e-4"), config, batch_size=BATCH,
+                                            seq_len=SEQ) for scan in (True, False))
+    assert scanned.fits and scanned.flops_exact and scanned.mfu_bound > 0
+    assert scanned.xla_flops < 0.7 * scanned.flops  # XLA alone: one of the three layers
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=0.05)
+    assert "XLA's count, loop bodies once" in scanned.lines()[2]
