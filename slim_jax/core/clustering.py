@@ -97,8 +97,10 @@ def init_from_tokens(
     valid = (w > 0).astype(jnp.float32)
     probs = jnp.where(valid.sum() > 0, valid, 1.0)
     key, spare_key = jax.random.split(key)
-    # With replacement, among the real tokens: for batches with fewer than C of them.
-    spare = jax.random.choice(spare_key, num_tokens, (num_clusters,), p=probs / probs.sum())
+    # With replacement, among the real tokens: for batches with fewer than C of them. Gumbel
+    # argmax (`categorical`), not `random.choice(p=...)`, whose inverse-CDF search compiles to a
+    # while loop in every SLIM layer's step (slow to compile, opaque to cost analysis).
+    spare = jax.random.categorical(spare_key, jnp.log(probs), shape=(num_clusters,))
     if num_tokens >= num_clusters:
         # Gumbel top-k: C distinct tokens, uniform among weighted ones.
         logp = jnp.where(w > 0, 0.0, -jnp.inf)
