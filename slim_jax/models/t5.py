@@ -9,7 +9,9 @@ layers in `layers.py`; `T5` implements `slim_jax.models.family.ModelFamily`.
 
 T5's rules, each kept here:
 - relative position buckets (bidirectional in the encoder, causal in the decoder); the bias table
-  lives in the first block of each stack and is shared by its later blocks; no other positions;
+  lives in the first block of each stack and is shared by its later blocks (with
+  `T5Config.scan_layers` it lives on the stack, whose blocks are stacked and scanned); no other
+  positions;
 - no `1/sqrt(d_kv)` scaling of attention scores (transformers folds it into `q`'s initialisation);
 - RMS layer norm without mean or bias, computed in float32;
 - feed-forward `wo(act(x wi_0) * x wi_1)` (v1.1, gated-GELU) or `wo(relu(x wi))` (original T5);
@@ -168,11 +170,12 @@ class T5(nnx.Module):
         if max_length < 1:
             raise ShapeError(f"max_length must be >= 1, got {max_length}")
         c = self.config
-        empty = jnp.zeros((encoded.shape[0], max_length, c.num_heads, c.d_kv), c.dtype)
+        shape = (encoded.shape[0], max_length, c.num_heads, c.d_kv)
         if self.decoder.scanned:  # one array stacked over the blocks, scanned with them
-            stacked = jnp.broadcast_to(empty, (c.num_decoder_layers, *empty.shape))
+            stacked = jnp.zeros((c.num_decoder_layers, *shape), c.dtype)
             self_kv: Caches = KV(stacked, stacked)
         else:
+            empty = jnp.zeros(shape, c.dtype)
             self_kv = tuple(KV(empty, empty) for _ in range(c.num_decoder_layers))
         return T5DecodeState(
             self_kv=self_kv,

@@ -95,7 +95,9 @@ def _loss_and_grads(model):
     return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+# remat "full" inside the scanned bodies is the pod presets' setting; "none" compiles a second
+# pair of programs (about as long again), so it is marked slow, as in test_scan.py.
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "full"])
 def test_scanned_equals_unrolled_in_logits_loss_gradients_and_slim_state(remat):
     unrolled, scanned = _t5(False), _t5(True, remat=remat)
     assert isinstance(scanned.encoder.block, LayerStack)
