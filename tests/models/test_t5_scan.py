@@ -17,10 +17,12 @@ from flax import nnx
 
 from slim_jax.data import ByteTokenizer, Example
 from slim_jax.lorahub import LoRAModule, ModuleLibrary
+from slim_jax.lorahub.library import module_from_model
 from slim_jax.lorahub.objective import build_objective, objective_layout
+from slim_jax.lorahub.upstream import UpstreamConfig, prepare_model, save_module
 from slim_jax.models.adapter_io import load_adapter_checkpoint, save_adapter_checkpoint
 from slim_jax.models.generate import generate
-from slim_jax.models.peft_io import load_peft, save_peft
+from slim_jax.models.peft_io import load_peft, load_peft_factors, save_peft
 from slim_jax.models.t5 import T5, T5Config
 from slim_jax.models.t5_hf import path_to_hf_name
 from slim_jax.nn import LoRAConfig, SlimConfig, adapter_spec, inference_view, inject
@@ -216,3 +218,22 @@ def test_lorahub_objective_and_merged_model_equal_scanned_and_unrolled():
         merged.append(_logits(attached.merged_model(weights[0])))
     np.testing.assert_allclose(values[1], values[0], atol=1e-5)
     np.testing.assert_allclose(merged[1], merged[0], atol=1e-5)
+
+
+def test_an_upstream_module_of_a_scanned_model_is_read_and_saved_under_per_layer_names(tmp_path):
+    scanned = T5(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(0))
+    prepare_model(scanned, UpstreamConfig(lora=LoRAConfig(rank=2, alpha=4), targets=LORA))
+    own = module_from_model(scanned, "m")
+    assert own.factors["decoder/block/1/layer/1/EncDecAttention/q"][0].shape == (16, 2)
+    other = LoRAModule("m", 2, 4.0, {p: (a + 1, b + 1) for p, (a, b) in own.factors.items()})
+    save_module(scanned, other, tmp_path / "m", base_model_name_or_path="toy")
+    _, factors = load_peft_factors(tmp_path / "m", T5(CFG, rngs=nnx.Rngs(0)))
+    assert sorted(factors) == list(other.paths)
+    for path, (a, b) in other.factors.items():
+        np.testing.assert_allclose(factors[path][0], a, atol=1e-6, err_msg=path)
+        np.testing.assert_allclose(factors[path][1], b, atol=1e-6, err_msg=path)
+    back = module_from_model(scanned, "m")  # the model's own factors are back, stacked
+    assert isinstance(scanned.decoder.block, LayerStack)
+    for path, (a, b) in own.factors.items():
+        np.testing.assert_array_equal(back.factors[path][0], a)
+        np.testing.assert_array_equal(back.factors[path][1], b)
