@@ -269,7 +269,8 @@ class T5(nnx.Module):
           allow_pickle: also accept `pytorch_model.bin` (a pickle can run code: off by default).
           mesh, rules: put each tensor straight into its sharding on `mesh` (its
             `logical_axes` under `rules`), reading only this process's safetensors slices.
-          config_overrides: `T5Config` fields the checkpoint does not hold (`attention=...`).
+          config_overrides: `T5Config` fields the checkpoint does not hold (`attention=...`;
+            `scan_layers=True`: the blocks loaded stacked directly, from per-layer names).
 
         Raises:
           CheckpointError: missing files, pickle weights without `allow_pickle`, tensors that do
