@@ -35,7 +35,8 @@ def merge_lora(
     """`W + scale * A B`, in float32, returned in the kernel's dtype.
 
     Args:
-      kernel: `[d_in, d_out]`; a: `[d_in, r]`; b: `[r, d_out]`.
+      kernel: `[..., d_in, d_out]`; a: `[..., d_in, r]`; b: `[..., r, d_out]` (leading axes
+        alike: the stacked layers of a scanned model, `slim_jax.nn.stack`).
 
     >>> merge_lora(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 0.5).tolist()
     [[0.5, 0.5], [0.5, 0.5]]
@@ -58,13 +59,13 @@ def unmerge_lora(
 
 def _check_factors(kernel: jax.Array, a: jax.Array, b: jax.Array) -> None:
     if (
-        kernel.ndim != 2
-        or a.shape != (kernel.shape[0], a.shape[-1])
-        or b.shape != (a.shape[-1], kernel.shape[1])
+        kernel.ndim < 2
+        or a.shape != (*kernel.shape[:-1], a.shape[-1])
+        or b.shape != (*kernel.shape[:-2], a.shape[-1], kernel.shape[-1])
     ):
         raise ShapeError(
-            f"merging needs kernel [d_in, d_out], a [d_in, r], b [r, d_out]; got kernel "
-            f"{kernel.shape}, a {a.shape}, b {b.shape}"
+            f"merging needs kernel [..., d_in, d_out], a [..., d_in, r], b [..., r, d_out]; "
+            f"got kernel {kernel.shape}, a {a.shape}, b {b.shape}"
         )
 
 

@@ -27,6 +27,7 @@ from slim_jax.lorahub.search import population_mesh, score_population
 from slim_jax.models.functional import split_model
 from slim_jax.models.generate import generation_program
 from slim_jax.nn import module_path
+from slim_jax.nn.stack import per_layer_view
 from slim_jax.parallel.mesh import MeshConfig, make_mesh
 from slim_jax.parallel.topology import Topology
 from slim_jax.train.aot import CompileReport, bytes_per_chip, compile_program
@@ -57,7 +58,7 @@ def compile_population(
     def attached():
         model = factory()
         shapes = {module_path(p): (m.in_features, m.out_features)
-                  for p, m in nnx.iter_modules(model)
+                  for p, m in nnx.iter_modules(per_layer_view(model))  # per-layer paths
                   if type(m) is nnx.Linear and pattern.search(module_path(p))}
         if not shapes:
             raise ConfigError(f"targets {targets!r} match no linear layer of the model")

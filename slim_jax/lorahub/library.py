@@ -28,6 +28,7 @@ from flax import nnx
 from slim_jax.core.compose import compose, path_str
 from slim_jax.errors import ShapeError
 from slim_jax.nn import LoRAConfig, LoRALinear, adapted_layers, inject, split_adapters
+from slim_jax.nn.stack import per_layer_view, stack_leaves
 
 Factors = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
@@ -153,7 +154,7 @@ def module_from_model(model: nnx.Module, name: str) -> LoRAModule:
     >>> module_from_model(nnx.List([layer]), "toy").factors["0"][0].shape
     (3, 2)
     """
-    layers = adapted_layers(model)
+    layers = adapted_layers(per_layer_view(model))  # a scanned model's under per-layer paths
     other = [p for p, layer in layers.items() if not isinstance(layer, LoRALinear)]
     if other:
         raise LibraryError(f"{name}: LoRAHub composes LoRA adapters; layers {other[:5]} are not "
@@ -287,7 +288,8 @@ class ModuleLibrary:
           LibraryError: a library layer the model lacks, another adapter on the model, or an
             existing LoRA layer of another rank or scale.
         """
-        layers = adapted_layers(model)
+        view = per_layer_view(model)  # a scanned model's layers under per-layer paths
+        layers = adapted_layers(view)
         foreign = sorted(set(layers) - set(self.paths))
         if foreign:
             raise LibraryError(f"the model already carries adapters on layers the library does "
@@ -301,7 +303,7 @@ class ModuleLibrary:
                                    f"{config.scale}")
         todo = [p for p in self.paths if p not in layers]
         if todo:
-            linears = {"/".join(map(str, p)) for p, m in nnx.iter_modules(model)
+            linears = {"/".join(map(str, p)) for p, m in nnx.iter_modules(view)
                        if isinstance(m, nnx.Linear)}
             absent = [p for p in todo if p not in linears]
             if absent:
@@ -310,15 +312,17 @@ class ModuleLibrary:
             pattern = "^(?:" + "|".join(re.escape(p) for p in todo) + ")$"
             inject(model, pattern, config, rngs=nnx.Rngs(0))
         graphdef, adapters, rest = split_adapters(model)
-        return AttachedLibrary(graphdef, rest, self._stacked_state(adapters))
+        return AttachedLibrary(graphdef, rest, self._stacked_state(model, adapters))
 
-    def _stacked_state(self, adapters: nnx.State) -> nnx.State:
-        """The stacked factors as a state of the model's adapter structure, leaves `[N, ...]`."""
+    def _stacked_state(self, model: nnx.Module, adapters: nnx.State) -> nnx.State:
+        """The stacked factors as a state of the model's adapter structure, leaves `[N, ...]`
+        (a scanned model's stacked layers: `[N, layers, ...]`, `slim_jax.nn.stack`)."""
+        factors = stack_leaves(model, {
+            **{f"{p}/lora_a": a for p, a in self.a.items()},
+            **{f"{p}/lora_b": b for p, b in self.b.items()}}, axis=1)
 
         def stacked(path: tuple, leaf: jax.Array) -> jax.Array:
-            layer, _, factor = path_str(path).rpartition("/")
-            source = {"lora_a": self.a, "lora_b": self.b}[factor]
-            return source[layer].astype(leaf.dtype)
+            return factors[path_str(path)].astype(leaf.dtype)
 
         return jax.tree_util.tree_map_with_path(stacked, adapters)
 

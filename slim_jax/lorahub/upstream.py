@@ -37,6 +37,7 @@ from slim_jax.data.sets import DataDir
 from slim_jax.errors import ConfigError, DataError
 from slim_jax.lorahub.library import LibraryError, LoRAModule, module_from_model
 from slim_jax.nn import LoRAConfig, LoRALinear, adapted_layers, inject
+from slim_jax.nn.stack import has_stacks, per_layer
 from slim_jax.settings import data_dir as resolve_data_dir
 from slim_jax.train import TrainConfig, Trainer
 
@@ -226,6 +227,10 @@ def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathL
     written into `<directory>.partial` and renamed to `directory` once complete (an existing
     `directory` is replaced), so a kill in the middle never leaves a folder that looks whole.
     """
+    if has_stacks(model):  # a scanned model: its layers one by one, stacked again after
+        with per_layer(model, frozen_abstract=True):  # the base is not copied
+            return save_module(model, module, directory,
+                               base_model_name_or_path=base_model_name_or_path)
     from slim_jax.models.peft_io import save_peft
 
     layers = adapted_layers(model)

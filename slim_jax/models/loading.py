@@ -70,7 +70,7 @@ def load_model(
       allow_pickle: accept `pytorch_model.bin` / `.pt` weights in a Hugging Face directory (a
         pickle can run code; off by default).
       config_overrides: fields of the family's config the checkpoint does not hold (e.g.
-        `scan_layers=True`, `remat="full"`: a scanned Llama is loaded stacked directly).
+        `scan_layers=True`, `remat="full"`: a scanned Llama or T5 is loaded stacked directly).
 
     Returns:
       `(model, tokenizer)`: a model of the checkpoint's family, and a `Tokenizer`.

@@ -9,7 +9,9 @@ layers in `layers.py`; `T5` implements `slim_jax.models.family.ModelFamily`.
 
 T5's rules, each kept here:
 - relative position buckets (bidirectional in the encoder, causal in the decoder); the bias table
-  lives in the first block of each stack and is shared by its later blocks; no other positions;
+  lives in the first block of each stack and is shared by its later blocks (with
+  `T5Config.scan_layers` it lives on the stack, whose blocks are stacked and scanned); no other
+  positions;
 - no `1/sqrt(d_kv)` scaling of attention scores (transformers folds it into `q`'s initialisation);
 - RMS layer norm without mean or bias, computed in float32;
 - feed-forward `wo(act(x wi_0) * x wi_1)` (v1.1, gated-GELU) or `wo(relu(x wi))` (original T5);
@@ -42,7 +44,7 @@ from jax.sharding import Mesh
 from slim_jax import hub
 from slim_jax.errors import ShapeError
 from slim_jax.models import hf, t5_hf
-from slim_jax.models.t5_blocks import KV, MASKED, T5Stack, attention_mask, dense
+from slim_jax.models.t5_blocks import KV, MASKED, Caches, T5Stack, attention_mask, dense
 from slim_jax.models.t5_config import T5Config
 from slim_jax.parallel.rules import DEFAULT_RULES, Rules
 from slim_jax.tokenizer import Tokenizer
@@ -58,22 +60,24 @@ class T5DecodeState:
     """What decoding carries between steps, with static shapes (a pytree: jit and loop friendly).
 
     Attributes:
-      self_kv: per decoder block, keys/values of the decoded positions [b, max_length, h, d_kv].
+      self_kv: per decoder block, keys/values of the decoded positions [b, max_length, h, d_kv]
+        (`t5_blocks.Caches`: with `scan_layers` one `KV` stacked over the blocks,
+        [num_decoder_layers, b, max_length, h, d_kv]).
       cross_kv: per decoder block, keys/values of the encoder output [b, s_enc, h, d_kv],
-        computed once by `T5.init_decode_state`.
+        computed once by `T5.init_decode_state` (stacked likewise).
       enc_mask: [b, s_enc] bool, True at real (non-padding) encoder tokens.
       index: [] int32, the position of the next decoder token.
     """
 
-    self_kv: tuple[KV, ...]
-    cross_kv: tuple[KV, ...]
+    self_kv: Caches
+    cross_kv: Caches
     enc_mask: jax.Array
     index: jax.Array
 
     @property
     def max_length(self) -> int:
         """How many decoder positions the cache holds."""
-        return self.self_kv[0].k.shape[1]
+        return jax.tree.leaves(self.self_kv)[0].shape[-3]
 
 
 class T5(nnx.Module):
@@ -166,9 +170,15 @@ class T5(nnx.Module):
         if max_length < 1:
             raise ShapeError(f"max_length must be >= 1, got {max_length}")
         c = self.config
-        empty = jnp.zeros((encoded.shape[0], max_length, c.num_heads, c.d_kv), c.dtype)
+        shape = (encoded.shape[0], max_length, c.num_heads, c.d_kv)
+        if self.decoder.scanned:  # one array stacked over the blocks, scanned with them
+            stacked = jnp.zeros((c.num_decoder_layers, *shape), c.dtype)
+            self_kv: Caches = KV(stacked, stacked)
+        else:
+            empty = jnp.zeros(shape, c.dtype)
+            self_kv = tuple(KV(empty, empty) for _ in range(c.num_decoder_layers))
         return T5DecodeState(
-            self_kv=tuple(KV(empty, empty) for _ in self.decoder.block),
+            self_kv=self_kv,
             cross_kv=self.decoder.cross_kv(encoded), enc_mask=enc_mask.astype(bool),
             index=jnp.zeros((), jnp.int32))
 
@@ -200,15 +210,11 @@ class T5(nnx.Module):
         causal = jnp.arange(max_len)[None, :] <= query_pos[:, None]
         self_bias = jnp.where(causal[None, None], bias, MASKED)
         cross_bias = jnp.where(state.enc_mask[:, None, None, :], 0.0, MASKED)
-        x = self.shared(dec_tokens)
-        caches = []
-        for block, cache, kv in zip(self.decoder.block, state.self_kv, state.cross_kv,
-                                    strict=True):
-            x, cache = block(x, self_bias, cross_kv=kv, cross_bias=cross_bias, cache=cache,
-                             index=state.index)
-            caches.append(cache)
+        x, caches = self.decoder.run(self.shared(dec_tokens), self_bias, cross_kv=state.cross_kv,
+                                     cross_bias=cross_bias, caches=state.self_kv,
+                                     index=state.index)
         logits = self._logits(self.decoder.final_layer_norm(x))
-        return logits, dataclasses.replace(state, self_kv=tuple(caches), index=state.index + s)
+        return logits, dataclasses.replace(state, self_kv=caches, index=state.index + s)
 
     # ------------------------------------------------- the model family (slim_jax.models.family)
 
@@ -263,7 +269,8 @@ class T5(nnx.Module):
           allow_pickle: also accept `pytorch_model.bin` (a pickle can run code: off by default).
           mesh, rules: put each tensor straight into its sharding on `mesh` (its
             `logical_axes` under `rules`), reading only this process's safetensors slices.
-          config_overrides: `T5Config` fields the checkpoint does not hold (`attention=...`).
+          config_overrides: `T5Config` fields the checkpoint does not hold (`attention=...`;
+            `scan_layers=True`: the blocks loaded stacked directly, from per-layer names).
 
         Raises:
           CheckpointError: missing files, pickle weights without `allow_pickle`, tensors that do

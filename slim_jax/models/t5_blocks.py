@@ -18,6 +18,7 @@ from flax import nnx
 
 from slim_jax.models.layers import RMSNorm, attention, linear, remat_layer, write_kv
 from slim_jax.models.t5_config import T5Config
+from slim_jax.nn.stack import LayerStack
 
 # Additive score of a masked key: finite, so that a fully masked (padding) query row stays NaN-free.
 MASKED = -1e30
@@ -167,7 +168,7 @@ class T5Block(nnx.Module):
         self.layer = nnx.List(layers)
 
     def __call__(self, x: jax.Array, self_bias: jax.Array, cross_kv: KV | None = None,
-                 cross_bias: jax.Array | None = None, *, cache: KV | None = None,
+                 cross_bias: jax.Array | None = None, cache: KV | None = None,
                  index: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
         """x: [b, s, d] -> ([b, s, d], the updated self-attention cache or None)."""
         x, cache = self.layer[0](x, self_bias, cache, index)
@@ -218,27 +219,54 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, causal: bool) -
     return allowed[:, None]
 
 
+Caches = tuple[KV, ...] | KV
+"""Per-block keys/values of a stack: a tuple of one `KV` per block (unrolled), or one `KV` whose
+arrays carry a leading `[num_layers]` axis (`T5Config.scan_layers`)."""
+
+
 class T5Stack(nnx.Module):
-    """The encoder (bidirectional) or decoder (causal, with cross-attention) stack of blocks."""
+    """The encoder (bidirectional) or decoder (causal, with cross-attention) stack of blocks.
+
+    Unrolled, `block` is an `nnx.List` and block 0 holds the relative position bias table (paths
+    as transformers'); with `T5Config.scan_layers`, `block` is a `LayerStack` (every block alike,
+    applied in one `jax.lax.scan`) and the table, taken out of block 0, is the stack's own
+    `relative_attention_bias`: the bias is computed once, outside the scanned body, and shared
+    by every block as before.
+    """
 
     def __init__(self, config: T5Config, *, is_decoder: bool, rngs: nnx.Rngs):
         n = config.num_decoder_layers if is_decoder else config.num_layers
-        self.block = nnx.List([
-            T5Block(config, is_decoder=is_decoder, has_relative_attention_bias=i == 0, rngs=rngs)
-            for i in range(n)])
+        # Built one by one either way, so a scanned stack starts from the unrolled one's weights.
+        blocks = [T5Block(config, is_decoder=is_decoder, has_relative_attention_bias=i == 0,
+                          rngs=rngs) for i in range(n)]
+        self.relative_attention_bias = nnx.data(None)
+        if config.scan_layers:  # block 0 gives up its table, so that every block is alike
+            first = blocks[0].layer[0].SelfAttention
+            self.relative_attention_bias = first.relative_attention_bias
+            first.relative_attention_bias = nnx.data(None)
+            self.block: LayerStack | nnx.List = LayerStack(blocks)
+        else:
+            self.block = nnx.List(blocks)
         self.final_layer_norm = _norm(config)
         self.is_decoder = is_decoder
         self.max_distance = config.relative_attention_max_distance
         self.remat = config.remat
 
+    @property
+    def scanned(self) -> bool:
+        """Whether the blocks are stacked (`T5Config.scan_layers`)."""
+        return isinstance(self.block, LayerStack)
+
     def position_bias(self, query_pos: jax.Array, max_query: int, key_len: int) -> jax.Array:
-        """The first block's relative position bias [1, heads, s_q, key_len] for queries at
-        `query_pos` [s_q] (all < max_query) over keys 0..key_len-1, shared by every block.
+        """The relative position bias [1, heads, s_q, key_len] for queries at `query_pos` [s_q]
+        (all < max_query) over keys 0..key_len-1, shared by every block.
 
         The buckets of all distances in (-max_query, key_len) are a host constant, looked up by
         `key - query`: a traced decoding position costs no recompilation.
         """
-        table = self.block[0].layer[0].SelfAttention.relative_attention_bias.embedding[...]
+        owner = (self if self.scanned
+                 else self.block[0].layer[0].SelfAttention)  # type: ignore[index]
+        table = owner.relative_attention_bias.embedding[...]
         distances = np.arange(-(max_query - 1), key_len)
         bucket_of = jnp.asarray(relative_position_buckets(
             distances, bidirectional=not self.is_decoder, num_buckets=table.shape[0],
@@ -247,17 +275,45 @@ class T5Stack(nnx.Module):
         values = jnp.take(table.astype(jnp.float32), bucket_of[offset], axis=0)  # [s_q, s_k, h]
         return jnp.transpose(values, (2, 0, 1))[None]
 
-    def cross_kv(self, encoded: jax.Array) -> tuple[KV, ...]:
-        """Every decoder block's cross-attention keys and values of `encoded` [b, s_enc, d]."""
-        return tuple(b.layer[1].EncDecAttention.project_kv(encoded) for b in self.block)
+    def cross_kv(self, encoded: jax.Array) -> Caches:
+        """Every decoder block's cross-attention keys and values of `encoded` [b, s_enc, d]
+        (`Caches`: stacked when scanned)."""
+        def project(block: T5Block) -> KV:
+            return block.layer[1].EncDecAttention.project_kv(encoded)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, *, cross_kv: tuple[KV, ...] = (),
+        if self.scanned:
+            return self.block.scan(lambda block, carry, _: (carry, project(block)), None)[1]
+        return tuple(project(block) for block in self.block)
+
+    def run(self, x: jax.Array, self_bias: jax.Array, *, cross_kv: Caches | None = None,
+            cross_bias: jax.Array | None = None, caches: Caches | None = None,
+            index: jax.Array | None = None, remat: str = "none"
+            ) -> tuple[jax.Array, Caches | None]:
+        """The blocks in order over x [b, s, d]: `(x, updated caches or None)`.
+
+        `self_bias` (position bias and mask) and `cross_bias` are shared by every block;
+        `cross_kv` and `caches` hold one entry per block (`Caches`, stacked when scanned: then
+        the blocks run as one `jax.lax.scan`). `remat` rematerialises each block
+        (`layers.remat_layer`; inside the scanned body).
+        """
+        call = remat_layer(remat)
+        if self.scanned:  # one block body in a jax.lax.scan over the stacked blocks
+            return self.block.scan(
+                lambda block, x, kv: call(block, x, self_bias, kv[0], cross_bias, kv[1], index),
+                x, (cross_kv, caches))
+        updated = []
+        for i, block in enumerate(self.block):
+            x, cache = call(block, x, self_bias, None if cross_kv is None else cross_kv[i],
+                            cross_bias, None if caches is None else caches[i], index)
+            updated.append(cache)
+        return x, None if caches is None else tuple(updated)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, *, cross_kv: Caches | None = None,
                  cross_bias: jax.Array | None = None) -> jax.Array:
         """Whole sequences, no cache. x: [b, s, d]; segment_ids: [b, s] (0 = padding)."""
         s = x.shape[1]
         bias = self.position_bias(jnp.arange(s), s, s)
         bias = jnp.where(attention_mask(segment_ids, segment_ids, self.is_decoder), bias, MASKED)
-        call = remat_layer(self.remat)  # T5Config.remat: recompute activations in the backward
-        for i, block in enumerate(self.block):
-            x, _ = call(block, x, bias, cross_kv[i] if cross_kv else None, cross_bias)
+        # T5Config.remat: recompute activations in the backward
+        x, _ = self.run(x, bias, cross_kv=cross_kv, cross_bias=cross_bias, remat=self.remat)
         return self.final_layer_norm(x)

@@ -43,6 +43,13 @@ class T5Config(ExecutionConfig):
       dtype: compute dtype (bf16 on accelerators); param_dtype: storage dtype of the parameters.
       attention, remat: how it runs (`slim_jax.models.layers.ExecutionConfig`; remat acts on
         each encoder / decoder block of the training forward pass, decoding never needs it).
+      scan_layers: hold each stack's blocks stacked on a leading `layers` axis
+        (`slim_jax.nn.stack.LayerStack`) and apply them with `jax.lax.scan` (remat inside the
+        body): one compiled block per stack instead of `num_layers` copies. The relative position
+        bias table, which only the first block holds, then lives on the stack itself
+        (`encoder/relative_attention_bias`), outside the scanned body, computed once as before.
+        Same numbers, same initialisation; Hugging Face checkpoints and adapters keep per-layer
+        names.
     """
 
     vocab_size: int = 32128
@@ -63,6 +70,7 @@ class T5Config(ExecutionConfig):
     decoder_start_token_id: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,6 +8,7 @@ conversion, the one place that knows transformers' T5 names.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -116,7 +117,26 @@ def params_from_hf(arrays: Mapping[str, np.ndarray], config: Any) -> dict[str, n
     """Hugging Face T5 tensors -> `{our path: array}` in our layout (kernels `[d_in, d_out]`).
 
     Drops the names in `HF_IGNORED_NAMES`, and `lm_head.weight` when the head is tied; any other
-    unknown name is left for `hf.assign_params` to report.
+    unknown name is left for `hf.assign_params` to report. With `config.scan_layers` the relative
+    position bias tables go to their stacks (`stacked_bias_path`); every other per-layer name
+    stays, for `hf.assign_params` to stack.
     """
-    return convert_params(arrays, hf_name_to_path, lambda name: (
+    params = convert_params(arrays, hf_name_to_path, lambda name: (
         name in HF_IGNORED_NAMES or (name == "lm_head.weight" and config.tie_word_embeddings)))
+    if config.scan_layers:
+        params = {stacked_bias_path(path): array for path, array in params.items()}
+    return params
+
+
+_FIRST_BLOCK_BIAS = re.compile(
+    r"^(encoder|decoder)/block/0/layer/0/SelfAttention/(relative_attention_bias/)")
+
+
+def stacked_bias_path(path: str) -> str:
+    """The path of a parameter in a scanned T5 (`T5Config.scan_layers`), whose relative position
+    bias table belongs to the stack rather than to its first block; other paths unchanged.
+
+    >>> stacked_bias_path("encoder/block/0/layer/0/SelfAttention/relative_attention_bias/embedding")
+    'encoder/relative_attention_bias/embedding'
+    """
+    return _FIRST_BLOCK_BIAS.sub(r"\1/\2", path)

@@ -5,7 +5,8 @@ while loop) instead of N copies.
 Users never see the stacked layout: `per_layer(model)` swaps every `LayerStack` of a model, in
 place, for an `nnx.List` of its layers (paths `layers/0/...`, as an unstacked model has) and
 stacks them back afterwards; `inject`, `adapter_spec`, the adapter and PEFT loaders and savers
-work through it, and `stack_arrays` turns per-layer checkpoint names into stacked arrays, so
+work through it, and `stack_arrays` turns per-layer checkpoint names into stacked arrays
+(`stack_leaves`: JAX arrays, such as LoRAHub's module factors), so
 Hugging Face, PEFT and slim_jax adapter files keep per-layer names whatever the layout.
 
 Every variable of the stack carries `layers` first in its `logical_axes` (mapped to no mesh
@@ -277,6 +278,35 @@ class StackedArray:
         return whole if dtype is None else whole.astype(dtype)
 
 
+def _group_layers(model: nnx.Module, arrays: Mapping[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """`(unstacked, {stacked path: [N per-layer values, in layer order]})` of per-layer
+    `{path: value}` in `model`'s layout (`stack_arrays`)."""
+    stacks = {"/".join(map(str, path)): stack.num_layers for path, stack in _stacks(model)}
+    if not stacks:
+        return dict(arrays), {}
+    out: dict[str, Any] = {}
+    grouped: dict[tuple[str, str], dict[int, Any]] = {}
+    pattern = re.compile(r"^(?P<prefix>" + "|".join(map(re.escape, stacks)) +
+                         r")/(?P<i>\d+)/(?P<rest>.+)$")
+    for name, array in arrays.items():
+        match = pattern.match(name)
+        if match is None:
+            out[name] = array
+            continue
+        grouped.setdefault((match["prefix"], match["rest"]), {})[int(match["i"])] = array
+    layers: dict[str, list[Any]] = {}
+    for (prefix, rest), by_layer in grouped.items():
+        n = stacks[prefix]
+        missing = [i for i in range(n) if i not in by_layer]
+        if missing or len(by_layer) != n:
+            which = f"{prefix}/{missing[0]}/{rest}" if missing else f"{prefix}/{n}+/{rest}"
+            raise CheckpointError(f"a scanned model stacks all {n} layers of {prefix}, but "
+                              f"{which} is missing or extra; every layer needs the same tensors")
+        layers[f"{prefix}/{STACK_ATTR}/{rest}"] = [by_layer[i] for i in range(n)]
+    return out, layers
+
+
 def stack_arrays(model: nnx.Module, arrays: Mapping[str, Any]) -> dict[str, Any]:
     """Per-layer `{path: array}` (`layers/3/mlp/up_proj/kernel`) in `model`'s layout: for each
     `LayerStack` at `P`, the N arrays `P/i/rest` become one `StackedArray` at `P/layer/rest`
@@ -293,25 +323,26 @@ def stack_arrays(model: nnx.Module, arrays: Mapping[str, Any]) -> dict[str, Any]
     >>> {k: v.shape for k, v in out.items()}
     {'layers/layer/kernel': (2, 2, 2)}
     """
-    stacks = {"/".join(map(str, path)): stack.num_layers for path, stack in _stacks(model)}
-    if not stacks:
-        return dict(arrays)
-    out: dict[str, Any] = {}
-    grouped: dict[tuple[str, str], dict[int, Any]] = {}
-    pattern = re.compile(r"^(?P<prefix>" + "|".join(map(re.escape, stacks)) +
-                         r")/(?P<i>\d+)/(?P<rest>.+)$")
-    for name, array in arrays.items():
-        match = pattern.match(name)
-        if match is None:
-            out[name] = array
-            continue
-        grouped.setdefault((match["prefix"], match["rest"]), {})[int(match["i"])] = array
-    for (prefix, rest), by_layer in grouped.items():
-        n = stacks[prefix]
-        missing = [i for i in range(n) if i not in by_layer]
-        if missing or len(by_layer) != n:
-            which = f"{prefix}/{missing[0]}/{rest}" if missing else f"{prefix}/{n}+/{rest}"
-            raise CheckpointError(f"a scanned model stacks all {n} layers of {prefix}, but "
-                              f"{which} is missing or extra; every layer needs the same tensors")
-        out[f"{prefix}/{STACK_ATTR}/{rest}"] = StackedArray([by_layer[i] for i in range(n)])
-    return out
+    out, layers = _group_layers(model, arrays)
+    return {**out, **{path: StackedArray(values) for path, values in layers.items()}}
+
+
+def stack_leaves(model: nnx.Module, leaves: Mapping[str, jax.Array], *, axis: int = 0
+                 ) -> dict[str, jax.Array]:
+    """`stack_arrays` for JAX arrays (or tracers), stacked now with `jnp.stack(..., axis)`:
+    per-layer `{path: [...]}` in `model`'s layout, the layers axis at `axis` (e.g. 1 for
+    LoRAHub's `[N, ...]` module factors, which become `[N, layers, ...]`).
+
+    Raises:
+      CheckpointError: as `stack_arrays`.
+
+    >>> class Model(nnx.Module):
+    ...     def __init__(self):
+    ...         self.layers = LayerStack([nnx.Linear(2, 2, rngs=nnx.Rngs(i)) for i in range(3)])
+    >>> out = stack_leaves(Model(), {f"layers/{i}/kernel": jnp.zeros((5, 2, 2)) for i in range(3)},
+    ...                    axis=1)
+    >>> {k: v.shape for k, v in out.items()}
+    {'layers/layer/kernel': (5, 3, 2, 2)}
+    """
+    out, layers = _group_layers(model, leaves)
+    return {**out, **{path: jnp.stack(values, axis) for path, values in layers.items()}}
