@@ -33,10 +33,11 @@ from slim_jax.models.attention_blocks import (
 
 AttentionImpl = Literal["xla", "jax", "cudnn"]
 ATTENTION_IMPLS: tuple[str, ...] = ("xla", "jax", "cudnn")
-"""`attention` implementations: "xla" is the einsum form below (the default: on CPU it is at
-least as fast as `jax.nn.dot_product_attention`), by query blocks that skip the masked future for
-causal self-attention; "jax" is `jax.nn.dot_product_attention` with XLA's implementation;
-"cudnn" is its cuDNN fused (flash) kernel, GPU only."""
+"""`attention` implementations: "xla" is the einsum form (the default: on CPU it is at least as
+fast as `jax.nn.dot_product_attention`), over whole sequences by query blocks that skip the masked
+future for causal self-attention, and for one query per row (decoding) as products over the
+cache's own layout (`slim_jax.models.attention_blocks`); "jax" is `jax.nn.dot_product_attention`
+with XLA's implementation; "cudnn" is its cuDNN fused (flash) kernel, GPU only."""
 
 
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots_saveable", "nothing_saveable",
