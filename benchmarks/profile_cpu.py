@@ -9,7 +9,8 @@ innermost frame of slim_jax or flax code that made it, and the text of that line
   MLP activation, embedding, head + loss, layout (bare transposes / copies XLA inserted), other.
 Relative shares are much less sensitive to machine load than absolute times (though not immune:
 a busy machine slows memory-bound operations more than matmuls). The category rules read
-slim_jax/models/llama.py's current source lines; see `CATEGORIES`.
+slim_jax/models/llama.py's, layers.py's and attention_blocks.py's current source lines; see
+`CATEGORIES`.
 
     python benchmarks/profile_cpu.py                          # forward: model_forward's default
     python benchmarks/profile_cpu.py --target train           # LoRA forward+backward, rank 16
@@ -45,8 +46,9 @@ CATEGORIES: tuple[tuple[str, str, str], ...] = (
     # the model code lives in models/llama.py and the shared models/layers.py
     ("LoRA", r"nn/(lora|lora_linear|slim_linear)\.py", r""),
     ("softmax", r"", r"softmax"),
-    ("mask apply", r"", r"where\(mask"),
-    ("attention einsum", r"models/(llama|layers)\.py", r"einsum"),
+    ("softmax", r"models/attention_blocks\.py", r"exp\(|total|delta|p = e"),
+    ("mask apply", r"", r"where\((block_)?mask"),
+    ("attention einsum", r"models/(llama|layers|attention_blocks)\.py", r"einsum"),
     ("RoPE", r"models/(llama|layers)\.py", r"rope|angles|cos|sin"),
     ("mask construction", r"models/(llama|layers)\.py", r"mask =|key_slots|query_slots|segment"),
     ("norms", r"models/(llama|layers)\.py", r"rsqrt|normed|norm\("),

@@ -23,13 +23,21 @@ import numpy as np
 from flax import nnx
 
 from slim_jax.errors import ConfigError, ShapeError
+from slim_jax.models.attention_blocks import (
+    bias_and_mask,
+    causal_block,
+    heads_major,
+    one_query,
+    per_head_bias,
+)
 
 AttentionImpl = Literal["xla", "jax", "cudnn"]
 ATTENTION_IMPLS: tuple[str, ...] = ("xla", "jax", "cudnn")
-"""`attention` implementations: "xla" is the einsum form below (the default: on CPU it is at
-least as fast as `jax.nn.dot_product_attention`), by query blocks that skip the masked future for
-causal self-attention; "jax" is `jax.nn.dot_product_attention` with XLA's implementation;
-"cudnn" is its cuDNN fused (flash) kernel, GPU only."""
+"""`attention` implementations: "xla" is the einsum form (the default: on CPU it is at least as
+fast as `jax.nn.dot_product_attention`), over whole sequences by query blocks that skip the masked
+future for causal self-attention, and for one query per row (decoding) as products over the
+cache's own layout (`slim_jax.models.attention_blocks`); "jax" is `jax.nn.dot_product_attention`
+with XLA's implementation; "cudnn" is its cuDNN fused (flash) kernel, GPU only."""
 
 
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots_saveable", "nothing_saveable",
@@ -259,8 +267,8 @@ def attention(
       causal: the caller's promise that `s == t`, query i sits at key slot i and the `mask` /
         `bias` already forbid every key j > i (self-attention without a cache). "xla" then
         computes by query blocks that skip the key blocks above the diagonal
-        (`_heads_major`); the result is the same. A row with no visible key at all (padding)
-        gets a meaningless output either way.
+        (`attention_blocks.heads_major`); the result is the same. A row with no visible key at
+        all (padding) gets a meaningless output either way.
 
     Returns:
       `[b, s, heads * d]` in `dtype`.
@@ -285,74 +293,19 @@ def attention(
         raise ShapeError(f"causal attention needs as many keys as queries; got {s} queries "
                          f"and {k.shape[1]} keys (a cache is not causal self-attention)")
     if k.shape[1] == s and s > 1:  # self-attention over whole sequences (no cache): heads-major
-        return _heads_major(q, k, v, bias, mask, scale, dtype,
-                            block=causal_block(s) if causal else s)
+        return heads_major(q, k, v, bias, mask, scale, dtype,
+                           block=causal_block(s) if causal else s)
+    if s == 1:  # one new token per row over a cache or an encoder output (decoding)
+        return one_query(q, k, v, bias, mask, scale, dtype)
     groups = heads // kv_heads
     q = q.reshape(b, s, kv_heads, groups, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32)
-    scores = _bias_and_mask(scores, bias, mask, scale, heads)
+    scores = bias_and_mask(scores, None if bias is None else per_head_bias(bias, kv_heads, groups),
+                           mask, scale)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype))
     return out.reshape(b, s, heads * d)
-
-
-def _bias_and_mask(scores: jax.Array, bias: jax.Array | None, mask: jax.Array | None,
-                   scale: float | None, heads: int) -> jax.Array:
-    """`scale * scores + bias`, masked to float32's minimum; scores `[b, kv, g, s, t]`, bias
-    `[b|1, heads|1, s|1, t]` and mask `[b, s, t]` already cut to the same `s, t`."""
-    if scale is not None:
-        scores = scores * scale
-    if bias is not None:
-        kv_heads, groups = scores.shape[1:3]
-        per_head = (kv_heads, groups) if bias.shape[1] == heads else (1, 1)  # [b|1, h|1, s|1, t]
-        scores = scores + bias.reshape(bias.shape[0], *per_head, *bias.shape[2:])
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    return scores
-
-
-def causal_block(s: int) -> int:
-    """The query block of causal `_heads_major` for `s` tokens: 64, or more so that there are at
-    most 16 blocks (each block is its own einsums: the program grows with their number).
-
-    >>> causal_block(256), causal_block(4096)
-    (64, 256)
-    """
-    return max(64, -(-s // 16))
-
-
-def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
-                 mask: jax.Array | None, scale: float | None, dtype: Any, *, block: int
-                 ) -> jax.Array:
-    """Self-attention (`t == s`) in the heads-major layout, by query blocks of `block`.
-
-    With `block < s` the attention must be causal: the block of queries `[i, j)` attends to keys
-    `[0, j)` only, since every later key is masked for all of them; this skips about half the
-    score and softmax work, and each block's scores stay small enough for the cache (on CPU
-    1.5-3x the single einsum's forward, see benchmarks/attention_forms.py). `block == s` is one
-    block over all keys (bidirectional, e.g. T5's encoder). Shapes as `attention`'s; returns
-    `[b, s, heads * d]`."""
-    b, s, heads, d = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    # heads-major [b, kv, g, s, d] / [b, kv, t, d]: each block's products are plain batched matmuls
-    qh = q.reshape(b, s, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
-    kh = k.astype(q.dtype).transpose(0, 2, 1, 3)
-    vh = v.astype(dtype).transpose(0, 2, 1, 3)
-    outs = []
-    for start in range(0, s, block):
-        end = min(start + block, s)
-        scores = jnp.einsum("bkgsd,bktd->bkgst", qh[:, :, :, start:end], kh[:, :, :end],
-                            preferred_element_type=jnp.float32)
-        block_bias = None if bias is None else (
-            bias[:, :, start:end, :end] if bias.shape[2] == s else bias[..., :end])
-        block_mask = None if mask is None else mask[:, start:end, :end]
-        scores = _bias_and_mask(scores, block_bias, block_mask, scale, heads)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        outs.append(jnp.einsum("bkgst,bktd->bkgsd", probs, vh[:, :, :end]))
-    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [b, kv, g, s, d]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, heads * d)
 
 
 def write_kv(cache: jax.Array, new: jax.Array, start: jax.Array | int) -> jax.Array:

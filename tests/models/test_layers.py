@@ -111,3 +111,31 @@ def test_blocked_causal_attention_equals_the_reference_and_its_gradient():
         np.testing.assert_allclose(blocked, plain, atol=1e-5, rtol=1e-5)
     with pytest.raises(ShapeError, match="causal attention needs as many keys as queries"):
         attention(q[:, :3], k, v, causal=True)
+
+
+def test_blocked_gradient_equals_the_softmax_forms_including_the_bias():
+    """The heads-major core's own gradient (normalised after the products, `custom_vjp`) equals
+    autodiff of `jax.nn.dot_product_attention` ("jax") to q, k, v and the bias, causal blocks with
+    padding (2 blocks at s = 80) and one bidirectional block with a bias shared by the heads."""
+    keys = jax.random.split(jax.random.key(2), 5)
+    b, s, heads, kv_heads, d = 2, 80, 4, 2, 8
+    q = jax.random.normal(keys[0], (b, s, heads, d))
+    k, v = (jax.random.normal(key, (b, s, kv_heads, d)) for key in keys[1:3])
+    segments = jnp.ones((b, s), jnp.int32).at[0, :5].set(0)
+    mask = ((jnp.arange(s)[None, :] <= jnp.arange(s)[:, None])[None]
+            & (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0))
+    real = jnp.asarray(segments != 0, jnp.float32)[..., None]
+    weights = jax.random.normal(keys[3], (b, s, heads * d)) * real
+    cases = {"causal": (mask, None, True), "shared bias": (None, jax.random.normal(
+        keys[4], (1, 1, s, s)), False)}
+    for name, (m, bias, causal) in cases.items():
+        def loss(q, k, v, bias, impl, m=m, causal=causal):
+            out = attention(q, k, v, bias=bias, mask=m, scale=d**-0.5, implementation=impl,
+                            causal=causal and impl == "xla")
+            return jnp.sum(out * weights)
+
+        argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+        got = jax.jit(jax.grad(loss, argnums), static_argnums=4)(q, k, v, bias, "xla")
+        want = jax.jit(jax.grad(loss, argnums), static_argnums=4)(q, k, v, bias, "jax")
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5, err_msg=name)
