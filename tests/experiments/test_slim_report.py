@@ -46,5 +46,5 @@ def test_targets_a_seed_misses_are_counted_not_averaged():
 
 
 def test_no_comparison_without_every_methods_curve():
-    runs = _runs("a", [[(10, 0.5, 0.9)]]) + [{"method": "b", "seed": 0, "curve": []}]
+    runs = [*_runs("a", [[(10, 0.5, 0.9)]]), {"method": "b", "seed": 0, "curve": []}]
     assert curve_comparison(runs, ["a", "b"], BASE) is None
