@@ -22,7 +22,7 @@ class ModelSpec:
       remat: activation rematerialisation of each layer (`slim_jax.models.layers.REMAT_POLICIES`:
         "none", "full", "dots_saveable", ...).
       scan_layers: stack the layers and apply them with one scanned body (a family whose
-        config has `scan_layers`: Llama; T5 where `T5Config` has it): compile time stops
+        config has `scan_layers`: Llama and T5): compile time stops
         growing with depth.
     """
 

@@ -33,6 +33,7 @@ BAD: dict[str, dict[str, str]] = {
         "max_length": "0", "max_new_tokens": "0", "generation_batch_size": "0",
         "batch_size": "0"},
     "MeshConfig": {"data": "0", "fsdp": "-2", "tensor": "0"},
+    "ModelSpec": {"remat": "everything"},
     "UpstreamSpec": {
         "num_modules": "0", "max_length": "1", "num_devices": "-1", "rank": "0", "alpha": "0",
         "dropout": "1", "steps": "0", "save_every": "-1", "learning_rate": "0",

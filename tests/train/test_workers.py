@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_stop_signal_is_one_request_and_interrupts_where_asked():
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup / `&`
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         with StopSignals() as stop:
             os.kill(os.getpid(), sig)
@@ -31,7 +32,7 @@ def test_every_stop_signal_is_one_request_and_interrupts_where_asked():
     with StopSignals() as stop, pytest.raises(Stopped), stop.interruptible():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the handler raises here, at once
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_ctrl_c_during_training_reaches_the_trainer_and_then_the_command():
