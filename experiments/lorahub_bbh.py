@@ -57,12 +57,13 @@ from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
 from experiments.run_folder import resolve_out
 from experiments.train_lora_modules import chosen_tasks, finished_set, train_modules
-from slim_jax.data import BBHTask, load_bbh
+from slim_jax.data import load_bbh, load_t0_target
 from slim_jax.errors import CheckpointError, ConfigError
 from slim_jax.hub import resolve_model_dir
 from slim_jax.lorahub.library import LoRAModule, check_modules, find_module, load_module
 from slim_jax.lorahub.protocol import (
     RunResult,
+    TargetTask,
     TaskResult,
     module_draws,
     run_bbh_task,
@@ -84,18 +85,41 @@ def parse_cli(argv: Sequence[str] | None = None) -> LoRAHubExperiment:
     return parse_config(PROG, __doc__, {name: pair[0] for name, pair in PRESETS.items()}, argv)
 
 
-def load_tasks(config: LoRAHubExperiment) -> dict[str, BBHTask]:
-    """The BBH tasks, each checked to have more than K examples (before any other work).
+def load_tasks(config: LoRAHubExperiment) -> dict[str, TargetTask]:
+    """The BBH tasks, then the T0 targets, each checked to have more than K examples (before
+    any other work).
 
     Raises:
-      DataError: an unknown task name (listing the valid ones), missing files.
-      ConfigError: K at least a task's number of examples.
+      DataError: an unknown task name (listing the valid ones), missing files, a T0 template
+        that is not a classification task.
+      ConfigError: K at least a task's number of examples; no task at all; a name twice.
     """
-    names = None if tuple(config.bbh.tasks) == ("all",) else config.bbh.tasks
-    tasks = load_bbh(names, config.data_dir, source=config.bbh.source)
+    tasks: dict[str, TargetTask] = {}
+    if config.bbh.tasks:
+        names = None if tuple(config.bbh.tasks) == ("all",) else config.bbh.tasks
+        tasks.update(load_bbh(names, config.data_dir, source=config.bbh.source))
+    for name in config.t0.tasks:
+        if name in tasks:
+            raise ConfigError(f"--t0.tasks names {name!r} twice (or as a BBH task too)")
+        tasks[name] = load_t0_target(name, config.data_dir, validation=config.t0.validation)
+    if not tasks:
+        raise ConfigError("no task to run: give --bbh.tasks or --t0.tasks")
     for task in tasks.values():
         task.adapt_split(config.protocol.k, config.protocol.adapt_seed)
     return tasks
+
+
+def check_unseen(config: LoRAHubExperiment, library: Sequence[str]) -> None:
+    """Refuse a T0 target that is one of the module library's tasks: a target must be unseen.
+
+    Raises:
+      ConfigError: naming the target.
+    """
+    seen = [name for name in config.t0.tasks if name in set(library)]
+    if seen:
+        raise ConfigError(f"--t0.tasks: {seen[0]!r} is one of the module library's tasks; an "
+                          "unseen target must be left out of the library (drop it from "
+                          "--t0.tasks, or from the modules)")
 
 
 def module_pool(config: LoRAHubExperiment) -> tuple[list[str], dict[str, str]]:
@@ -178,14 +202,28 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
     """results.md, results.json and the search-progress plot (rewritten after every task)."""
     table = results_table(results)
     p = config.protocol
-    header = (f"# LoRAHub on BIG-Bench Hard ({config.preset})\n\n"
+    t0 = config.t0
+    chance = ""
+    if t0.tasks:
+        targets = [load_t0_target(n, config.data_dir, validation=t0.validation)
+                   for n in t0.tasks]
+        scores = ", ".join(f"{t.name} {t.majority_score(p.k, p.adapt_seed):.1f}"
+                           for t in targets)
+        scored = ("validation items (the train part outside the ADAPT set)" if t0.validation
+                  else "test split")
+        chance = (f"T0 targets (unseen: left out of the module library) are scored on their "
+                  f"{scored}; always answering the most frequent train label scores "
+                  f"{scores}.\n\n")
+    kinds = " and ".join(k for k, on in (("BIG-Bench Hard", config.bbh.tasks),
+                                         ("T0 targets", t0.tasks)) if on)
+    header = (f"# LoRAHub ({config.preset}): {kinds}\n\n"
               f"Command: `{command}`\n\n"
               f"Model: `{config.model.path}`; {p.runs} runs of "
               f"{p.modules_per_run} modules; K={p.k} ADAPT examples; budget {p.budget} "
               f"evaluations (search {p.search}, population {p.population_size}); objective "
               f"{p.objective_mode}, L1 {p.l1_coeff}; greedy decoding of up to "
               f"{p.max_new_tokens} tokens. Exact match x 100 on each task's examples outside "
-              f"the ADAPT set. {seconds:.0f} s.\n\n")
+              f"the ADAPT set. {seconds:.0f} s.\n\n{chance}")
     run_state.write_atomic(out / "results.md", header + table + "\n")
     run_state.write_atomic(out / "results.json", results_json(
         results, command=command, seconds=seconds, config=dataclasses.asdict(config)) + "\n")
@@ -227,6 +265,8 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
     run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite,
                               create=False)
     command = shlex.join([*PROG.split(), *argv])
+    if config.modules.local_only and config.modules.train_missing:  # before training them
+        check_unseen(config, chosen_tasks(config.upstream, config.data_dir))
     overrides = model_overrides(config)
     enable_compilation_cache(config.compilation_cache)
     saved = ensure_modules(config)
@@ -235,6 +275,8 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
               file=sys.stderr, flush=True)
         return stop.exit_code
     pool, ids = module_pool(config)
+    check_unseen(config, [task_of(i) for i in ids.values()] if not config.modules.local_only
+                 else pool)
     draws = module_draws(pool, config.protocol.runs, config.protocol.modules_per_run)
     earlier = run_state.read_json(out / DRAWS) if not config.overwrite else None
     if earlier is not None and earlier != draws:

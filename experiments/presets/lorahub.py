@@ -65,6 +65,9 @@ class UpstreamSpec:
       num_devices: devices the trainer uses (0: all); the batch must divide over them.
       save_every: checkpoint the module in training every this many steps (a stop signal saves
         it too), so an interrupted module continues where it was.
+      heldout: examples of each task kept out of training (at most a quarter of the task); the
+        module's greedy exact match on them (its own task's held-out accuracy) goes to
+        modules.json and modules.md (0: none).
     """
 
     num_modules: int | None = 24
@@ -73,7 +76,7 @@ class UpstreamSpec:
     alpha: float = 32.0
     dropout: float = 0.0
     targets: str = r"(q|v)_proj$"
-    steps: int = 30
+    steps: int = 150
     batch_size: int = 4
     max_length: int = 256
     pack: bool = True
@@ -82,7 +85,8 @@ class UpstreamSpec:
     max_examples: int | None = None
     seed: int = 0
     num_devices: int = 0
-    save_every: int = 10
+    save_every: int = 25
+    heldout: int = 20
 
     def __post_init__(self) -> None:
         if self.num_modules is not None and self.num_modules < 1:
@@ -107,7 +111,8 @@ class UpstreamSpec:
         return UpstreamConfig(
             lora=LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout),
             targets=self.targets, train=train, batch_size=self.batch_size,
-            pack=self.pack and not encoder_decoder, max_examples=self.max_examples)
+            pack=self.pack and not encoder_decoder, max_examples=self.max_examples,
+            heldout=self.heldout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +151,22 @@ class BBHSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class T0TargetsSpec:
+    """T0 classification templates left out of the module library, run as unseen targets
+    through the same protocol as BBH (`slim_jax.data.T0Target`: K ADAPT examples from the
+    template's train part, scored on its test part).
+
+    Attributes:
+      tasks: template names (each must not be one of the module library's tasks).
+      validation: score on the train part's items outside the ADAPT set instead of the test
+        items: for pilots that choose settings without reading the test split.
+    """
+
+    tasks: tuple[str, ...] = ()
+    validation: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class LoRAHubExperiment:
     """LoRAHub on BIG-Bench Hard: baselines and searches per task, five module draws.
 
@@ -164,7 +185,8 @@ class LoRAHubExperiment:
       model: the base model.
       modules: the LoRA modules.
       upstream: training of missing modules.
-      bbh: the tasks.
+      bbh: the BIG-Bench Hard tasks (empty for none).
+      t0: T0 templates run as unseen targets beside them.
       protocol: LoRAHub's protocol (K, runs, draws, searches, budget, decoding).
     """
 
@@ -180,6 +202,7 @@ class LoRAHubExperiment:
     modules: ModulesSpec = ModulesSpec()
     upstream: UpstreamSpec = UpstreamSpec()
     bbh: BBHSpec = BBHSpec()
+    t0: T0TargetsSpec = T0TargetsSpec()
     protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
 
 
@@ -216,7 +239,7 @@ _T5_MODEL = ModelSpec(path=FLAN_T5_LARGE)
 # to 1024 tokens, r=16, alpha=32, dropout 0.1, on q and v (the T0 files hold ~200 examples).
 _T5_UPSTREAM = UpstreamSpec(num_modules=None, targets=r"(q|v)$", steps=400, batch_size=10,
                             max_length=1024, pack=False, learning_rate=2e-4, warmup_steps=0,
-                            dropout=0.1, max_examples=10_000)
+                            dropout=0.1, max_examples=10_000, heldout=0)
 
 PRESETS: dict[str, tuple[LoRAHubExperiment, UpstreamExperiment]] = {
     "cpu": (LoRAHubExperiment(protocol=ProtocolConfig(max_new_tokens=32,

@@ -5,7 +5,8 @@
   classification tasks.
 - `layout`: tokenisation, truncation and the standard batch keys (causal LM, encoder-decoder).
 - `packing`, `iterator`: bucketing, packing, deterministic resumable shuffling, per-process slices.
-- `bbh`: BIG-Bench Hard prompts, ADAPT split and exact-match scoring.
+- `bbh`: BIG-Bench Hard prompts, ADAPT split and exact-match scoring; `t0_targets`: T0
+  classification templates as LoRAHub targets with BBH's interface.
 
 Knows nothing of models: it takes any `slim_jax.tokenizer.Tokenizer`.
 
@@ -51,6 +52,7 @@ from slim_jax.data.sets import (
     load_t0_template,
     t0_template_names,
 )
+from slim_jax.data.t0_targets import T0Target, load_t0_target, t0_icl_prompt
 from slim_jax.data.t0_tasks import (
     ClassificationTask,
     LabelStats,
@@ -78,6 +80,7 @@ __all__ = [
     "Layout",
     "PromptTemplate",
     "Records",
+    "T0Target",
     "TokenizedExample",
     "adapt_indices",
     "bbh_icl_prompt",
@@ -94,12 +97,14 @@ __all__ = [
     "load_commonsense",
     "load_gsm8k",
     "load_records",
+    "load_t0_target",
     "load_t0_task",
     "load_t0_template",
     "normalize_answer",
     "read_hub",
     "read_json",
     "read_jsonl",
+    "t0_icl_prompt",
     "t0_template_names",
     "tokenize_examples",
 ]

@@ -37,6 +37,7 @@ from slim_jax.lorahub.predict import greedy_answers
 from slim_jax.lorahub.protocol import (
     ProtocolConfig,
     RunResult,
+    TargetTask,
     TaskResult,
     module_draws,
     run_bbh_task,
@@ -81,6 +82,7 @@ __all__ = [
     "RunResult",
     "Search",
     "SearchResult",
+    "TargetTask",
     "TaskResult",
     "UpstreamConfig",
     "bounce",

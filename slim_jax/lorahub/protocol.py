@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slim_jax.data import BBHTask, exact_match_score
+from slim_jax.data import BBHExample, Example, exact_match_score
 from slim_jax.errors import ConfigError
 from slim_jax.lorahub.library import AttachedLibrary, LoRAModule, ModuleLibrary
 from slim_jax.lorahub.objective import (
@@ -52,6 +52,31 @@ from slim_jax.tokenizer import Tokenizer
 BASELINES = ("zero_shot", "icl")
 RUN_BASELINES = ("uniform", "best_single")
 SHOWN = 3  # test answers kept per method, for reading
+
+
+class TargetTask(Protocol):
+    """What `run_bbh_task` needs of a task: `slim_jax.data.BBHTask` (BIG-Bench Hard) and
+    `slim_jax.data.T0Target` (a T0 template left out of the module library) both are one."""
+
+    name: str
+
+    def adapt_split(self, k: int, seed: int
+                    ) -> tuple[tuple[BBHExample, ...], tuple[BBHExample, ...]]:
+        """`(adapt, test)`: the K ADAPT examples and the disjoint examples scored."""
+        ...
+
+    def prompt(self, question: str) -> str:
+        """The zero-shot prompt of `question`."""
+        ...
+
+    def icl_prompt(self, shots: Sequence[BBHExample], question: str) -> str:
+        """The in-context prompt of `question` with `shots` in front."""
+        ...
+
+    def as_examples(self, examples: Sequence[BBHExample],
+                    shots: Sequence[BBHExample] = ()) -> list[Example]:
+        """Prompt/target pairs for the objective's tokenisation."""
+        ...
 
 
 def module_draws(names: Sequence[str], runs: int = 5, per_run: int = 20) -> list[list[str]]:
@@ -225,7 +250,7 @@ Progress = Callable[[str], None]
 
 
 def run_bbh_task(
-    task: BBHTask,
+    task: TargetTask,
     model: nnx.Module,
     tokenizer: Tokenizer,
     modules: Mapping[str, LoRAModule],
@@ -244,7 +269,7 @@ def run_bbh_task(
     call's).
 
     Args:
-      task: from `slim_jax.data.load_bbh`.
+      task: from `slim_jax.data.load_bbh`, or a `slim_jax.data.T0Target` (`TargetTask`).
       model: the base `Llama` or `T5`; LoRA layers are attached to it in place (module
         docstring).
       tokenizer: its tokenizer.
@@ -267,7 +292,7 @@ def run_bbh_task(
     if config.max_test_examples is not None:
         test = test[:config.max_test_examples]
     if not test:
-        raise ConfigError(f"BBH task {task.name!r} has no test example left after the "
+        raise ConfigError(f"task {task.name!r} has no test example left after the "
                           f"{config.k} ADAPT examples")
     targets = [e.target for e in test]
     answer = _answerer(tokenizer, config, targets)

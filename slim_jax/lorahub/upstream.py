@@ -8,6 +8,8 @@ the reference's file order, which fixes the draws).
 `train_module` fits a fresh LoRA adapter (PEFT's initialisation: A Kaiming-uniform, B zero) on one
 task's (prompt, completion) pairs with `slim_jax.train.Trainer` (cross-entropy on the completion
 and its EOS) and returns it as a `LoRAModule`; `save_module` writes it as a PEFT adapter directory.
+`train_task_module` can keep `heldout` examples of the task out of training (`heldout_split`), on
+which `module_accuracy` says whether the module learned its own task (greedy exact match).
 
 Interruptions: a module whose training a stop signal ended early (SIGTERM, SIGINT, SLURM's
 SIGUSR1) is never returned: `train_module` raises `TrainingInterrupted` (one line, naming the
@@ -31,14 +33,23 @@ from flax import nnx
 
 from slim_jax.checkpoint import Checkpointer
 from slim_jax.core.lora import init_lora_a, init_lora_b
-from slim_jax.data import BatchIterator, Example, load_t0_template, tokenize_examples
+from slim_jax.data import (
+    BatchIterator,
+    Example,
+    exact_match_score,
+    load_t0_template,
+    tokenize_examples,
+)
 from slim_jax.data.layout import Layout
 from slim_jax.data.sets import DataDir
 from slim_jax.errors import ConfigError, DataError
-from slim_jax.lorahub.library import LibraryError, LoRAModule, module_from_model
+from slim_jax.eval.tasks import subsample_indices
+from slim_jax.lorahub.library import LibraryError, LoRAModule, ModuleLibrary, module_from_model
+from slim_jax.lorahub.predict import greedy_answers
 from slim_jax.nn import LoRAConfig, LoRALinear, adapted_layers, inject
 from slim_jax.nn.stack import has_stacks, per_layer
 from slim_jax.settings import data_dir as resolve_data_dir
+from slim_jax.tokenizer import Tokenizer
 from slim_jax.train import TrainConfig, Trainer
 
 MODULE_NAMES_FILE = "lorahub_module_names.txt"
@@ -94,6 +105,8 @@ class UpstreamConfig:
       batch_size: global batch rows.
       pack: pack several examples per row (decoder-only layouts).
       max_examples: use at most this many examples of a task (None: all).
+      heldout: examples of each task kept out of training to score the module on its own task
+        (`heldout_split`: at most a quarter of the task; 0: train on all).
     """
 
     lora: LoRAConfig = dataclasses.field(
@@ -104,8 +117,11 @@ class UpstreamConfig:
     batch_size: int = 8
     pack: bool = True
     max_examples: int | None = None
+    heldout: int = 0
 
     def __post_init__(self) -> None:
+        if self.heldout < 0:
+            raise ConfigError(f"must be >= 0, got {self.heldout}", field="heldout")
         if self.batch_size < 1:
             raise ConfigError(f"must be >= 1, got {self.batch_size}", field="batch_size")
         if self.max_examples is not None and self.max_examples < 1:
@@ -201,6 +217,24 @@ def train_module(
     return module_from_model(trainer.model(), name), result.history
 
 
+def heldout_split(examples: Sequence[Example], heldout: int, seed: int = 0
+                  ) -> tuple[list[Example], list[Example]]:
+    """`(train, heldout)`: `heldout` examples, but at most a quarter of them (a task of 8 keeps
+    6 to train on), drawn with `random.Random(seed)` (`subsample_indices`), and the others,
+    each part in its original order.
+
+    >>> train, held = heldout_split([Example(str(i), "x") for i in range(8)], 20)
+    >>> [e.instruction for e in train], [e.instruction for e in held]
+    (['0', '1', '2', '3', '4', '5'], ['6', '7'])
+    """
+    count = min(heldout, len(examples) // 4)
+    if count <= 0:
+        return list(examples), []
+    chosen = set(subsample_indices(len(examples), count, seed))
+    return ([e for i, e in enumerate(examples) if i not in chosen],
+            [e for i, e in enumerate(examples) if i in chosen])
+
+
 def train_task_module(
     model: nnx.Module,
     layout: Layout,
@@ -212,9 +246,28 @@ def train_task_module(
     devices: Sequence[jax.Device] | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[LoRAModule, list[dict[str, float]]]:
-    """`train_module` on the T0 template task `task` of the data folder."""
-    return train_module(model, layout, load_t0_template(task, data_dir), task, config, seed=seed,
-                        devices=devices, checkpoint_dir=checkpoint_dir)
+    """`train_module` on the T0 template task `task` of the data folder, without its
+    `config.heldout` held-out examples (`heldout_split`, seed 0: the same for every module)."""
+    train, _ = heldout_split(load_t0_template(task, data_dir), config.heldout)
+    return train_module(model, layout, train, task, config, seed=seed, devices=devices,
+                        checkpoint_dir=checkpoint_dir)
+
+
+def module_accuracy(model: nnx.Module, tokenizer: Tokenizer, module: LoRAModule,
+                    examples: Sequence[Example], *, max_new_tokens: int = 32,
+                    batch_size: int = 64) -> float:
+    """Exact match x 100 (`slim_jax.data.exact_match_score`) of the greedy answers of `model`
+    with `module` merged in, to the examples' instructions, against their answers.
+
+    `model` is left as it was (plain, or carrying zero-B LoRA layers of the module's rank).
+    """
+    if not examples:
+        raise DataError(f"no examples to score module {module.name!r} on")
+    merged = ModuleLibrary.from_modules([module]).attach(model).merged_model(
+        jax.numpy.ones(1, jax.numpy.float32))
+    answers = greedy_answers(merged, tokenizer, [e.instruction for e in examples],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return exact_match_score(answers, [e.answer or e.response for e in examples])
 
 
 def save_module(model: nnx.Module, module: LoRAModule, directory: str | os.PathLike[str], *,

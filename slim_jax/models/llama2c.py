@@ -191,11 +191,18 @@ class Llama2cTokenizer:
     Encoding: a leading " " piece for non-empty text (sentencepiece's dummy prefix), one piece per
     character (UTF-8 bytes as `<0xNN>` pieces when the character has none), then repeatedly merge
     the adjacent pair whose concatenation is the best-scoring piece (leftmost on ties).
-    Ids: 0 `<unk>` (also used as pad), 1 BOS, 2 EOS.
+    Ids: 0 `<unk>` (also used as pad), 1 BOS, 2 `</s>`.
+
+    The end of a text (`eos_id`, what `add_eos` appends) is BOS: llama2.c's training data
+    delimits one story from the next by BOS alone and its `run.c` stops there, so a llama2.c
+    model predicts BOS where a text ends and has never been trained to produce `</s>`. A response
+    fine-tuned to end in `</s>` does not learn to stop (the TinyStories model after 150 LoRA steps
+    on a Yes/No task: P(`</s>`) 0.005 after the answer) where one ending in BOS does (held-out
+    answers "No" and nothing more after the same steps). Generation stops at either.
     """
 
     bos_id: int | None = BOS_ID
-    eos_id: int = EOS_ID
+    eos_id: int = BOS_ID
     pad_id: int = UNK_ID
 
     def __init__(self, pieces: Sequence[bytes], scores: Sequence[float]):
@@ -253,7 +260,7 @@ class Llama2cTokenizer:
             symbols.append(b" ")
         symbols.extend(ch.encode("utf-8") for ch in text)
         ids = self._merge(symbols)
-        return [BOS_ID] * add_bos + ids + [EOS_ID] * add_eos
+        return [BOS_ID] * add_bos + ids + [self.eos_id] * add_eos
 
     def _merge(self, symbols: list[bytes]) -> list[int]:
         """Best-score-first BPE over a linked list with a lazy heap: O(n log n), same merges as

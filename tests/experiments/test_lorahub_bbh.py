@@ -11,12 +11,14 @@ import pytest
 from flax import nnx
 
 from experiments import lorahub_bbh, train_lora_modules
+from slim_jax.data import load_t0_target
 from slim_jax.lorahub import load_module
 from slim_jax.models.llama2c import load_llama2c
 from slim_jax.models.peft_io import save_peft
 from slim_jax.nn import LoRAConfig, adapted_layers, inject
 
 TASKS = ("qasc_qa_with_separated_facts_3", "wiki_hop_original_choose_best_object_affirmative_1")
+T0_TARGET = "amazon_polarity_Is_this_product_review_positive"  # unseen: not a LoRAHub module
 
 
 def run(main, capsys, *args: str) -> tuple[int, str]:
@@ -45,6 +47,12 @@ def test_help_lists_every_field_with_its_default(capsys):
      "evaluations (N=20) plus one generation of population_size=8; give budget >= 28"),
     (["--out", "{file}"], "is a file; give a folder"),
     (["--out", "/proc/no/such"], "--out /proc/no/such: cannot create or write in /proc"),
+    (["--bbh.tasks", ""], "no task to run: give --bbh.tasks or --t0.tasks"),
+    (["--t0.tasks", "quoref_What_Is_The_Answer"], "distinct completions, more than "
+                                                  "max_classes=20"),
+    (["--t0.tasks", "amazon_polarity_flattering_or_not"],
+     "--t0.tasks: 'amazon_polarity_flattering_or_not' is one of the module library's tasks; an "
+     "unseen target must be left out of the library"),
 ])
 def test_bad_input_is_one_line(args, message, capsys, shared_data, tmp_path):
     (tmp_path / "file").write_text("")
@@ -80,11 +88,14 @@ def test_train_lora_modules_writes_peft_modules(capsys, shared_data, tmp_path):
     out = tmp_path / "modules"
     args = ["--data-dir", str(shared_data), "--progress", "false", "--upstream.num-modules", "1",
             "--upstream.steps", "2", "--upstream.max-length", "64", "--upstream.num-devices", "1",
-            "--out", str(out)]
+            "--upstream.heldout", "3", "--out", str(out)]
     code, err = run(train_lora_modules.main, capsys, *args)
     assert code == 0, err
     manifest = json.loads((out / "modules.json").read_text())
-    assert manifest["tasks"] == [TASKS[0]] and manifest["losses"][TASKS[0]]["steps"] == 2
+    record = manifest["losses"][TASKS[0]]
+    assert manifest["tasks"] == [TASKS[0]] and record["steps"] == 2 and record["heldout"] == 3
+    assert 0.0 <= record["heldout_accuracy"] <= 100.0 and 0.0 <= record["heldout_majority"] <= 100
+    assert f"| {TASKS[0]} | 2 | " in (out / "modules.md").read_text()
     model, _ = load_llama2c(shared_data / "tinystories260k" / "checkpoint_v1.bin")
     module = load_module(out / TASKS[0], model)
     assert (module.rank, module.alpha) == (16, 32.0)
@@ -147,13 +158,14 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--progress",
                     "false", "--modules.dir", str(modules),
                     "--out", str(out), "--bbh.tasks", "navigate,web_of_lies",
-                    "--protocol.runs", "2", "--protocol.modules-per-run", "2",
+                    "--t0.tasks", T0_TARGET, "--protocol.runs", "2",
+                    "--protocol.modules-per-run", "2",
                     "--protocol.max-test-examples", "2", "--protocol.max-new-tokens", "2",
                     "--protocol.max-length", "64", "--protocol.budget", "8",
                     "--protocol.population-size", "4", "--protocol.search", "cmaes")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert [t["task"] for t in results["tasks"]] == ["navigate", "web_of_lies"]
+    assert [t["task"] for t in results["tasks"]] == ["navigate", "web_of_lies", T0_TARGET]
     draws = json.loads((out / "draws.json").read_text())
     for task in results["tasks"]:
         assert task["num_test"] == 2 and set(task["baselines"]) == {"zero_shot", "icl"}
@@ -165,13 +177,16 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
         [TASKS[0], TASKS[1], "quoref_What_Is_The_Answer"], 2) for s in (1, 2)]
     table = (out / "results.md").read_text()
     assert "| navigate | 2 |" in table and "LoRAHub CMA-ES (best)" in table
-    assert "| **average** | 4 |" in table
+    assert f"| {T0_TARGET} | 2 |" in table and "| **average** | 6 |" in table
+    assert table.startswith("# LoRAHub (cpu): BIG-Bench Hard and T0 targets")
+    chance = load_t0_target(T0_TARGET, shared_data).majority_score()
+    assert f"most frequent train label scores {T0_TARGET} {chance:.1f}." in table
     assert (out / "search_progress.png").stat().st_size > 0
     assert (out / "command.txt").read_text().startswith(
         "python -m experiments.lorahub_bbh --data-dir")
     assert (out / "FINISHED").is_file()
     assert sorted(p.name for p in (out / "tasks").iterdir()) == [  # no partial record left
-        "navigate.json", "web_of_lies.json"]
+        f"{T0_TARGET}.json", "navigate.json", "web_of_lies.json"]
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--progress",
                     "false", "--modules.dir", str(modules), "--out", str(out))
     assert code == 2 and err.count("\n") == 1 and "holds a finished run" in err
