@@ -65,7 +65,8 @@ class UpstreamSpec:
       num_devices: devices the trainer uses (0: all); the batch must divide over them.
       save_every: checkpoint the module in training every this many steps (a stop signal saves
         it too), so an interrupted module continues where it was.
-      heldout: examples of each task kept out of training (at most a quarter of the task); the
+      heldout: examples of each task kept out of training (none from tasks of fewer than 5x
+        as many, which train on all); the
         module's greedy exact match on them (its own task's held-out accuracy) goes to
         modules.json and modules.md (0: none).
     """

@@ -106,7 +106,7 @@ class UpstreamConfig:
       pack: pack several examples per row (decoder-only layouts).
       max_examples: use at most this many examples of a task (None: all).
       heldout: examples of each task kept out of training to score the module on its own task
-        (`heldout_split`: at most a quarter of the task; 0: train on all).
+        (`heldout_split`: none from a task of fewer than 5x as many; 0: train on all).
     """
 
     lora: LoRAConfig = dataclasses.field(
@@ -219,18 +219,19 @@ def train_module(
 
 def heldout_split(examples: Sequence[Example], heldout: int, seed: int = 0
                   ) -> tuple[list[Example], list[Example]]:
-    """`(train, heldout)`: `heldout` examples, but at most a quarter of them (a task of 8 keeps
-    6 to train on), drawn with `random.Random(seed)` (`subsample_indices`), and the others,
-    each part in its original order.
+    """`(train, heldout)`: `heldout` examples drawn with `random.Random(seed)`
+    (`subsample_indices`) and the others, each part in its original order. A task of fewer than
+    `5 * heldout` examples keeps them all for training (some T0 files hold 8: every one counts).
 
-    >>> train, held = heldout_split([Example(str(i), "x") for i in range(8)], 20)
+    >>> train, held = heldout_split([Example(str(i), "x") for i in range(10)], 2)
     >>> [e.instruction for e in train], [e.instruction for e in held]
-    (['0', '1', '2', '3', '4', '5'], ['6', '7'])
+    (['0', '1', '2', '3', '4', '5', '7', '8'], ['6', '9'])
+    >>> [len(part) for part in heldout_split([Example(str(i), "x") for i in range(8)], 2)]
+    [8, 0]
     """
-    count = min(heldout, len(examples) // 4)
-    if count <= 0:
+    if heldout <= 0 or len(examples) < 5 * heldout:
         return list(examples), []
-    chosen = set(subsample_indices(len(examples), count, seed))
+    chosen = set(subsample_indices(len(examples), heldout, seed))
     return ([e for i, e in enumerate(examples) if i not in chosen],
             [e for i, e in enumerate(examples) if i in chosen])
 

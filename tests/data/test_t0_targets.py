@@ -1,4 +1,4 @@
-"""T0 templates as unseen LoRAHub targets: the ADAPT split, prompts, validation without test items."""
+"""T0 templates as unseen LoRAHub targets: ADAPT split, prompts, validation without test items."""
 
 from __future__ import annotations
 

@@ -26,8 +26,7 @@ def test_heldout_split_is_disjoint_deterministic_and_ordered():
     assert heldout_split(examples, 10) == (train, held)
     assert [int(e.instruction) for e in held] == sorted(int(e.instruction) for e in held)
     assert heldout_split(examples, 0) == (examples, [])
-    assert [len(part) for part in heldout_split(examples, 50)] == [38, 12]  # a quarter at most
-    assert heldout_split(examples[:3], 20) == (examples[:3], [])
+    assert heldout_split(examples[:49], 10) == (examples[:49], [])  # too small to hold out
 
 
 def test_train_task_module_never_trains_on_the_heldout_examples(shared_data, monkeypatch):
