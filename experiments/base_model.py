@@ -9,12 +9,18 @@ library's `slim_jax.models.loading.load_model`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from flax import nnx
 
-from slim_jax.errors import CheckpointError
+from experiments.cli import flag
+from experiments.presets.common import ModelSpec
+from slim_jax.errors import CheckpointError, ConfigError
+from slim_jax.hub import resolve_model_dir
 from slim_jax.models import loading
+from slim_jax.models.hf import read_config
+from slim_jax.models.registry import config_from_hf
 from slim_jax.paths import as_path
 from slim_jax.settings import locate
 from slim_jax.tokenizer import Tokenizer
@@ -41,6 +47,25 @@ def model_location(path: str, data_dir: str | None) -> str:
                               "give a llama2.c checkpoint file or folder, a Hugging Face model "
                               "folder, or a hub id")
     return str(found) if found.exists() else path
+
+
+def model_overrides(spec: ModelSpec, data_dir: str | None) -> dict[str, object]:
+    """`--model.remat` / `--model.scan-layers` for the base model's config, checked against its
+    family's config (from its `config.json`) before any long work: a setting the family lacks
+    is one line naming its flag (a llama2.c file refuses them all when loaded, in one line too).
+
+    Raises:
+      ConfigError: a setting the family's config has no field for.
+    """
+    overrides = spec.config_overrides()
+    where = model_location(spec.path, data_dir)
+    if not overrides or Path(where).is_file():
+        return overrides
+    family_config = config_from_hf(read_config(resolve_model_dir(where)), source=where)
+    try:
+        return spec.config_overrides({f.name for f in dataclasses.fields(family_config)})
+    except ConfigError as err:
+        raise ConfigError(err.named(lambda name: flag(f"model.{name}"))) from None
 
 
 def load_base(path: str, data_dir: str | None, *, dtype: str, param_dtype: str,

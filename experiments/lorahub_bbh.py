@@ -52,14 +52,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments import run_state
-from experiments.base_model import load_base, model_location
+from experiments.base_model import load_base, model_overrides
 from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, LoRAHubExperiment, UpstreamExperiment
 from experiments.run_folder import resolve_out
 from experiments.train_lora_modules import chosen_tasks, finished_set, train_modules
 from slim_jax.data import load_bbh, load_t0_target
 from slim_jax.errors import CheckpointError, ConfigError
-from slim_jax.hub import resolve_model_dir
 from slim_jax.lorahub.library import LoRAModule, check_modules, find_module, load_module
 from slim_jax.lorahub.protocol import (
     RunResult,
@@ -71,8 +70,6 @@ from slim_jax.lorahub.protocol import (
 )
 from slim_jax.lorahub.report import plot_search_progress, results_json, results_table
 from slim_jax.lorahub.upstream import read_module_ids, task_of
-from slim_jax.models.hf import read_config
-from slim_jax.models.registry import config_from_hf
 from slim_jax.settings import enable_compilation_cache
 from slim_jax.train.workers import Stopped, StopSignals
 
@@ -233,18 +230,6 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
                                    f"{p.modules_per_run} modules, K={p.k}")
 
 
-def model_overrides(config: LoRAHubExperiment) -> dict[str, object]:
-    """`--model.remat` / `--model.scan-layers` for the base model's config, checked against its
-    family's config (from its `config.json`) before any module is trained: a setting the family
-    lacks is one line (a llama2.c file refuses them all when loaded, in one line too)."""
-    overrides = config.model.config_overrides()
-    where = model_location(config.model.path, config.data_dir)
-    if not overrides or Path(where).is_file():
-        return overrides
-    family_config = config_from_hf(read_config(resolve_model_dir(where)), source=where)
-    return config.model.config_overrides({f.name for f in dataclasses.fields(family_config)})
-
-
 def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSignals) -> int:
     """Everything the module docstring says; returns the exit status (0 done, 128 + signal
     when stopped).
@@ -267,7 +252,7 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
     command = shlex.join([*PROG.split(), *argv])
     if config.modules.local_only and config.modules.train_missing:  # before training them
         check_unseen(config, chosen_tasks(config.upstream, config.data_dir))
-    overrides = model_overrides(config)
+    overrides = model_overrides(config.model, config.data_dir)
     enable_compilation_cache(config.compilation_cache)
     saved = ensure_modules(config)
     if saved is not None:

@@ -21,10 +21,15 @@ The cpu preset trains 24 modules on the TinyStories model (r=16, alpha=32 on q_p
 150 steps of 4 packed rows of 256 tokens each, 20 examples of each task held out: about 30 s
 per module on 2 cores, and 5-30 s to score it on its held-out examples).
 
+The base model's execution settings `--model.remat` and `--model.scan-layers` (a Hugging Face
+model folder whose family's config has them) apply as `lorahub_bbh`'s do; the saved modules are
+the same PEFT folders either way.
+
 Examples:
     python -m experiments.train_lora_modules                        # cpu preset, 24 modules
     python -m experiments.train_lora_modules --upstream.num-modules 40 --upstream.steps 60
     python -m experiments.train_lora_modules --preset flan-t5-large --out /ckpt/lorahub_modules
+    python -m experiments.train_lora_modules --preset flan-t5-large --model.remat full
     python -m experiments.train_lora_modules --help                 # every field and default
 """
 
@@ -44,7 +49,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments import run_state
-from experiments.base_model import load_base, max_positions
+from experiments.base_model import load_base, max_positions, model_overrides
 from experiments.cli import parse_config, run_command
 from experiments.presets.lorahub import PRESETS, UpstreamExperiment, UpstreamSpec
 from experiments.run_folder import resolve_out
@@ -120,13 +125,17 @@ def train_modules(config: UpstreamExperiment, argv: Sequence[str] = ()) -> list[
     stop = active() or StopSignals()
     out = resolve_out(config.out, "train_lora_modules", config.preset)
     tasks = chosen_tasks(config.upstream, config.data_dir)
-    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
-    if argv:
-        run_state.write_atomic(out / "command.txt", shlex.join([*PROG.split(), *argv]) + "\n")
+    overrides = model_overrides(config.model, config.data_dir)
+    # Checked, then the base loaded, before the folder is written: bad input leaves nothing.
+    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite,
+                              create=False)
     enable_compilation_cache(config.compilation_cache)
     model, tokenizer, base_name = load_base(config.model.path, config.data_dir,
                                             dtype=config.model.dtype,
-                                            param_dtype=config.model.param_dtype)
+                                            param_dtype=config.model.param_dtype, **overrides)
+    run_state.open_run_folder(out, dataclasses.asdict(config), overwrite=config.overwrite)
+    if argv:
+        run_state.write_atomic(out / "command.txt", shlex.join([*PROG.split(), *argv]) + "\n")
     spec = config.upstream
     upstream = spec.library_config(model.layout == "encoder_decoder")
     layout = training_layout(model, tokenizer, spec.max_length)

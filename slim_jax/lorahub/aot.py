@@ -8,6 +8,13 @@ program), for the two programs a LoRAHub run spends its time in:
   many chips as divide P, each holding a replica of the base and the module library);
 - greedy generation of the answers with the composed (merged) model, on one chip, as
   `slim_jax.lorahub.predict.greedy_answers` runs it.
+
+Both are forward passes: their model FLOPs (for the MFU bound) are `2 N` per token of each
+parameter the token passes through (`slim_jax.train.metrics.forward_flops`, the forward term of
+the trainer's estimate), padding included. Scoring counts, per candidate, the base and the
+composed rank-r adapter over the K examples; generation the base over the prompts and every
+new token, as a call that decodes `max_new_tokens` for every row (one whose rows all stop
+earlier does less, and its compiled FLOPs are counted the same way: "at most").
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from slim_jax.nn.stack import per_layer_view
 from slim_jax.parallel.mesh import MeshConfig, make_mesh
 from slim_jax.parallel.topology import Topology
 from slim_jax.train.aot import CompileReport, bytes_per_chip, compile_program
+from slim_jax.train.metrics import forward_flops
 
 
 def _replicated(tree, mesh):
@@ -68,14 +76,18 @@ def compile_population(
         return ModuleLibrary(names, rank, alpha, False, a, b).attach(model)
 
     library = jax.eval_shape(attached)
+    # One candidate's model: the base with the composed adapter (`AttachedLibrary.model`).
+    candidate = nnx.eval_shape(lambda: attached().model(jnp.zeros(num_modules)))
     k = num_examples
-    if nnx.eval_shape(factory).layout == "encoder_decoder":  # models.family.ModelFamily
+    if candidate.layout == "encoder_decoder":  # models.family.ModelFamily
         lengths = {"enc_tokens": input_len, "enc_segment_ids": input_len,
                    "dec_tokens": target_len, "dec_segment_ids": target_len,
                    "targets": target_len, "target_mask": target_len}
+        tokens = {"enc_segment_ids": k * input_len, "dec_segment_ids": k * target_len}
     else:
         lengths = dict.fromkeys(("tokens", "positions", "segment_ids", "targets", "target_mask"),
                                 input_len)
+        tokens = {"segment_ids": k * input_len}
     batches = {key: jax.ShapeDtypeStruct((1, k, n), jnp.float32 if key == "target_mask"
                                          else jnp.int32) for key, n in lengths.items()}
     objective = Objective(library, batches, k)
@@ -90,7 +102,8 @@ def compile_population(
     return compile_program(
         f"population scoring P={population}",
         lambda obj, w: score_population(obj, w, mesh=mesh), (objective, weights), replicated,
-        topo, mesh, kinds=kinds)
+        topo, mesh, kinds=kinds,
+        model_flops=forward_flops(candidate, tokens) * population / mesh.size)
 
 
 def compile_generation(
@@ -99,7 +112,8 @@ def compile_generation(
 ) -> CompileReport:
     """Greedy decoding of `batch_size` prompts of `input_len` tokens, on one chip of `topo`.
 
-    The model is the composed one (LoRA merged into the kernels: the base's shapes).
+    The model is the composed one (LoRA merged into the kernels: the base's shapes). FLOPs and
+    model FLOPs are those of a call in which no row stops before `max_new_tokens`.
     """
     model = nnx.eval_shape(factory)
     graphdef, params, rest = split_model(model)
@@ -110,6 +124,13 @@ def compile_generation(
     key = jax.eval_shape(lambda: jax.random.key(0))
     mesh = make_mesh(MeshConfig(data=1), topo.devices[:1])
     kinds = {"base": bytes_per_chip(params, _replicated(params, mesh))}
+    # The prompts through the model once (prefill), then one token per row and step; the first
+    # new token comes from the prefill (an encoder-decoder's decoder starts from its start token).
+    if model.layout == "encoder_decoder":
+        seen = {"enc_segment_ids": batch_size * input_len,
+                "dec_segment_ids": batch_size * max_new_tokens}
+    else:
+        seen = {"segment_ids": batch_size * (input_len + max_new_tokens - 1)}
 
     def generate(params, rest, tokens, segments, key):
         return generation_program(graphdef, params, rest, tokens, segments, key,
@@ -117,4 +138,5 @@ def compile_generation(
 
     args = (params, rest, tokens, tokens, key)
     return compile_program(f"greedy generation b={batch_size}", generate, args,
-                           tuple(_replicated(a, mesh) for a in args), topo, mesh, kinds=kinds)
+                           tuple(_replicated(a, mesh) for a in args), topo, mesh, kinds=kinds,
+                           model_flops=forward_flops(model, seen))

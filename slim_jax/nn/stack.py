@@ -159,9 +159,27 @@ class LayerStack(nnx.Module):
             carry, y = fn(module, carry, x_i)
             return carry, (nnx.state(module, nnx.Not(nnx.Any(nnx.Param, TokenMask))), y)
 
+        carry = _varying_like((params, rest, xs), carry)
         carry, (rest, ys) = jax.lax.scan(body, carry, (params, rest, xs))
         nnx.update(self.layer, rest)
         return carry, ys
+
+
+def _varying_like(inputs: Any, carry: Any) -> Any:
+    """`carry` marked as varying over every mesh axis some leaf of `inputs` varies over.
+
+    Inside `shard_map` (LoRAHub's population split over devices: each device's candidates
+    compose their own adapters) the stacked parameters vary over the mesh axis while the carry
+    (the embedded tokens) may not; the carry out of the body then does, and `lax.scan` needs the
+    carry's type in and out equal. Outside `shard_map` nothing varies and `carry` is returned
+    as it is.
+    """
+    axes = frozenset().union(*(jax.typeof(x).manual_axis_type.varying
+                               for x in jax.tree.leaves(inputs)))
+    if not axes:
+        return carry
+    return jax.tree.map(lambda c: jax.lax.pcast(
+        c, tuple(sorted(axes - jax.typeof(c).manual_axis_type.varying)), to="varying"), carry)
 
 
 def _stacks(model: nnx.Module) -> list[tuple[tuple[Any, ...], LayerStack]]:

@@ -45,7 +45,7 @@ from slim_jax.parallel.sharding import (
     tree_shardings,
 )
 from slim_jax.parallel.topology import GIB, Topology, topology
-from slim_jax.train.loop_flops import loop_flops
+from slim_jax.train.loop_flops import FlopsCount, loop_flops
 from slim_jax.train.metrics import count_params, training_flops_per_token
 from slim_jax.train.optimizer import make_optimizer
 from slim_jax.train.state import TrainState, cast_floating, resolve_frozen_dtype, split_model
@@ -142,9 +142,11 @@ class CompileReport:
       model_flops: useful FLOPs per chip (the model's arithmetic), for the MFU bound; None if
         not estimated.
       compile_s: seconds to lower and compile (on this host).
-      flops_exact: False when the program has a loop whose trip count it does not state (one
-        that stops on data, such as greedy decoding): that body is counted once, `flops` is a
-        lower bound and no MFU bound is given.
+      flops_count: "exact"; "at most" when a loop may stop on data before its trip count
+        (greedy decoding once every row has ended): `flops` and `model_flops` are then those of
+        a call that runs it to the end; "at least" when the program does not state a loop's
+        trip count: that body is counted once, `flops` is a lower bound and no MFU bound is
+        given (`slim_jax.train.loop_flops`).
       xla_flops: XLA's own figure (`cost_analysis()`: each loop body counted once).
     """
 
@@ -157,8 +159,13 @@ class CompileReport:
     flops: float
     model_flops: float | None
     compile_s: float
-    flops_exact: bool = True
+    flops_count: FlopsCount = "exact"
     xla_flops: float | None = None
+
+    @property
+    def flops_exact(self) -> bool:
+        """`flops` is what every call does."""
+        return self.flops_count == "exact"
 
     @property
     def fits(self) -> bool:
@@ -174,7 +181,7 @@ class CompileReport:
     @property
     def mfu_bound(self) -> float | None:
         """`model_flops / flops`: the MFU a call could reach at best."""
-        if self.model_flops is None or not self.flops or not self.flops_exact:
+        if self.model_flops is None or not self.flops or self.flops_count == "at least":
             return None
         return self.model_flops / self.flops
 
@@ -184,8 +191,10 @@ class CompileReport:
         gib = lambda b: f"{b / GIB:.2f} GiB"
         held = ", ".join(f"{k} {gib(v)}" for k, v in self.held.items())
         flops = f"  FLOPs per chip {self.flops:.3e}"
-        if not self.flops_exact:
+        if self.flops_count == "at least":
             flops += " (a data-dependent loop counted once: a lower bound)"
+        elif self.flops_count == "at most":
+            flops += " (loops that may stop on data run to the end: the most a call does)"
         elif self.xla_flops is not None and self.xla_flops != self.flops:
             flops += f" (loops as run; XLA's count, loop bodies once: {self.xla_flops:.3e})"
         out = [f"{self.program} on {t.name} ({len(t.devices)} x {t.device_kind}, "
@@ -219,7 +228,8 @@ def compile_program(
       topo, mesh: where.
       kinds: bytes per chip by kind, reported as they are.
       donate: indices of donated arguments (when `fn` is not jitted yet).
-      model_flops: useful FLOPs per chip, for the MFU bound.
+      model_flops: useful FLOPs per chip, for the MFU bound (of a call that runs every loop
+        to the end, when a loop may stop earlier on data).
     """
     start = time.perf_counter()
     jitted = fn if hasattr(fn, "lower") else jax.jit(
@@ -249,7 +259,7 @@ def compile_program(
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes
              + memory.generated_code_size_in_bytes)
     return CompileReport(program, topo, dict(mesh.shape), dict(kinds), memory.temp_size_in_bytes,
-                         total, flops.flops, model_flops, seconds, flops.exact, flops.reported)
+                         total, flops.flops, model_flops, seconds, flops.count, flops.reported)
 
 
 @dataclasses.dataclass(frozen=True)

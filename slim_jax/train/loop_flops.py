@@ -11,10 +11,12 @@ count is, for every loop `w` of the program (nested loops recursively):
     flops = reported + sum_w (n_w * flops(body_w) - reported(body_w))
 
 where `reported(body_w)` is XLA's own cost analysis of that body alone (the body counted
-once, as in `reported`), and `flops(body_w)` the same sum applied inside the body. Loops
-whose trip count the program does not state (a `while_loop` that stops on data, such as
-greedy decoding until every row has ended) stay counted once: the result is then a lower
-bound, and `LoopFlops.exact` is False.
+once, as in `reported`), and `flops(body_w)` the same sum applied inside the body. A loop that
+may also stop on data before its count (greedy decoding: `t < max_new_tokens & ~all(done)`) is
+counted at its most: the result is then the FLOPs of a call that runs every such loop to the
+end (`LoopFlops.count` "at most"). Loops whose trip count the program does not state at all (a
+`while_loop` that stops on data alone) stay counted once: the result is then a lower bound
+(`LoopFlops.count` "at least").
 
 The cost analysis of one body parses the program's text with that body as the entry
 computation and runs XLA's `HloCostAnalysis` on the host (CPU) client: the same analysis the
@@ -27,6 +29,7 @@ import dataclasses
 import functools
 import math
 import re
+from typing import Literal
 
 import jax
 
@@ -44,6 +47,8 @@ _PASS_THROUGH = ("copy", "bitcast", "convert", "reshape")
 # Source locations: dropped from a body's text (they refer to the whole module's stack frames).
 _METADATA = re.compile(r", metadata=\{[^{}]*\}")
 
+FlopsCount = Literal["exact", "at most", "at least"]
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopFlops:
@@ -53,16 +58,28 @@ class LoopFlops:
       flops: the program's FLOPs (per device: the program is one device's part).
       reported: XLA's own figure (each loop body counted once).
       trip_counts: the trip count of each loop found, outermost first (None: not stated).
-      exact: every loop's trip count was known, so `flops` is exact (else a lower bound).
+      stops_early: per loop (as `trip_counts`), whether its condition may also stop it on data
+        before that count (which is then the most it runs).
     """
 
     flops: float
     reported: float
     trip_counts: tuple[int | None, ...]
+    stops_early: tuple[bool, ...] = ()
+
+    @property
+    def count(self) -> FlopsCount:
+        """"exact": every loop's trip count is known; "at most": known, but some loop may stop
+        earlier on data (`flops` is a call that runs it to the end); "at least": some loop's
+        count is unknown (its body counted once)."""
+        if None in self.trip_counts:
+            return "at least"
+        return "at most" if any(self.stops_early) else "exact"
 
     @property
     def exact(self) -> bool:
-        return None not in self.trip_counts
+        """`flops` is what every call does."""
+        return self.count == "exact"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,13 +179,33 @@ class _Module:
     def attribute(self, line: str, key: str) -> str:
         return re.search(rf"{key}=%([^\s,]+)", line).group(1)
 
-    def trip_count(self, comp: str, loop: _Instruction) -> int | None:
-        """The loop's trip count: XLA's annotation, or its `i < N` condition with the counter's
-        start value and step; None when the program does not state it."""
+    def trip_count(self, comp: str, loop: _Instruction) -> tuple[int | None, bool]:
+        """`(n, stops_early)`: the loop's trip count, from XLA's annotation or its condition
+        (None when the program does not state it), and whether the condition also stops the
+        loop on data (`i < N & ~all(done)`: then n is the most it runs)."""
         if (match := _TRIP_COUNT.search(loop.line)) is not None:
-            return int(match.group(1))
+            return int(match.group(1)), False
+        cond = self.attribute(loop.line, "condition")
+        terms = self.conjuncts(cond, self.root(cond))
+        counts = [self.counter_bound(comp, loop, term) for term in terms]
+        known = [n for n in counts if n is not None]
+        if not known:
+            return None, False
+        return min(known), len(known) < len(terms)
+
+    def conjuncts(self, comp: str, ins: _Instruction | None) -> list[_Instruction | None]:
+        """The terms of a condition `a & b & ...` (`ins` alone when it is no `and`)."""
+        if ins is None or ins.opcode != "and" or len(ins.operands) != 2 \
+                or not ins.line.split("=", 1)[1].lstrip().startswith("pred[]"):
+            return [ins]
+        return [t for o in ins.operands for t in self.conjuncts(comp, self.source(comp, o))]
+
+    def counter_bound(self, comp: str, loop: _Instruction,
+                      compare: _Instruction | None) -> int | None:
+        """The trip count that the condition term `compare` allows: `i + c < N` (or `N > i`),
+        the counter `i` a loop element with a constant start and a constant positive step, N
+        a constant or a value the loop carries unchanged; None when the term is not that."""
         cond, body = self.attribute(loop.line, "condition"), self.attribute(loop.line, "body")
-        compare = self.root(cond)
         if compare is None or compare.opcode != "compare" or len(compare.operands) != 2:
             return None
         left, right = compare.operands
@@ -176,7 +213,9 @@ class _Module:
             left, right = right, left
         elif "direction=LT" not in compare.line:
             return None
-        index = self.tuple_index(cond, left)
+        index, offset = self.tuple_index(cond, left), 0
+        if index is None:  # `i + c < N`
+            index, offset = self.counter_plus(cond, left)
         init = self.source(comp, loop.operands[0])
         update = self.root(body)
         if None in (index, init, update) or init.opcode != "tuple" or update.opcode != "tuple":
@@ -189,15 +228,22 @@ class _Module:
         start = self.constant(comp, init.operands[index])
         if bound is None:
             return None
-        add = self.source(body, update.operands[index])
-        if start is None or add is None or add.opcode != "add":
+        step = self.counter_plus(body, update.operands[index])
+        if start is None or step[0] != index or step[1] <= 0:
             return None
+        return max(0, math.ceil((bound - offset - start) / step[1]))
+
+    def counter_plus(self, comp: str, name: str) -> tuple[int | None, int]:
+        """`(k, c)` when `name` is `element k of the loop's tuple + constant c` in `comp`."""
+        add = self.source(comp, name)
+        if add is None or add.opcode != "add" or len(add.operands) != 2:
+            return None, 0
         a, b = add.operands
-        step = self.constant(body, b) if self.tuple_index(body, a) == index else (
-            self.constant(body, a) if self.tuple_index(body, b) == index else None)
-        if not step or step <= 0:
-            return None
-        return max(0, math.ceil((bound - start) / step))
+        for x, y in ((a, b), (b, a)):
+            index, c = self.tuple_index(comp, x), self.constant(comp, y)
+            if index is not None and c is not None:
+                return index, c
+        return None, 0
 
     def text_with_entry(self, comp: str) -> str:
         """The module's text reduced to `comp` (made the entry) and what it calls."""
@@ -236,6 +282,7 @@ def loop_flops(hlo_text: str, reported: float) -> LoopFlops:
     """
     module = _Module(hlo_text)
     counts: list[int | None] = []
+    early: list[bool] = []
 
     @functools.cache
     def body_cost(body: str) -> tuple[float, float]:  # (counted once, as run)
@@ -245,14 +292,15 @@ def loop_flops(hlo_text: str, reported: float) -> LoopFlops:
     def extra(comp: str) -> float:
         total = 0.0
         for loop in module.loops(comp):
-            n = module.trip_count(comp, loop)
+            n, stops_early = module.trip_count(comp, loop)
             counts.append(n)
+            early.append(stops_early)
             once, full = body_cost(module.attribute(loop.line, "body"))
             total += (1 if n is None else n) * full - once
         return total
 
     flops = reported + extra(module.entry)
-    return LoopFlops(flops, float(reported), tuple(counts))
+    return LoopFlops(flops, float(reported), tuple(counts), tuple(early))
 
 
-__all__ = ["LoopFlops", "loop_flops"]
+__all__ = ["FlopsCount", "LoopFlops", "loop_flops"]

@@ -2,13 +2,16 @@
 
 MFU (model FLOPs utilisation) = model FLOPs per second / peak FLOPs of the devices. For adapter
 training the model FLOPs per token are estimated from parameter counts (Kaplan et al.'s 2N per
-forward multiply-add, applied to what is computed):
+forward multiply-add, applied to what is computed; `forward_flops_per_token`):
 
     forward 2 (N_frozen + N_trained) + backward to activations 2 (N_frozen + N_trained)
     + backward to the trained weights 2 N_trained   =   4 N_frozen + 6 N_trained
 
-Attention-score FLOPs are left out and the embedding table is counted as a matmul, so this is an
-estimate; pass `flops_per_token` explicitly for an exact count.
+A forward-only program (LoRAHub's population scoring, generation) does the first term alone,
+each parameter for the tokens its layer sees (`forward_flops`: in an encoder-decoder the
+encoder's parameters see the encoder's tokens, the decoder's the decoder's). Attention-score FLOPs
+are left out and the embedding table is counted as a matmul, so this is an estimate; pass
+`flops_per_token` explicitly for an exact count.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
+from flax import nnx
+
+from slim_jax.nn import module_path
 
 
 def count_params(tree: Any) -> int:
@@ -34,13 +41,51 @@ def count_params(tree: Any) -> int:
     return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree.leaves(tree))
 
 
+def forward_flops_per_token(n_params: int) -> float:
+    """Estimated model FLOPs per token of a forward pass through `n_params` parameters: `2 N`.
+
+    >>> forward_flops_per_token(1000)
+    2000.0
+    """
+    return 2.0 * n_params
+
+
 def training_flops_per_token(n_frozen: int, n_trained: int) -> float:
-    """Estimated model FLOPs per token of one adapter-training step: `4 N_frozen + 6 N_trained`.
+    """Estimated model FLOPs per token of one adapter-training step: `4 N_frozen + 6 N_trained`
+    (the forward pass and the backward pass to the activations through every parameter, the
+    backward pass to the weights through the trained ones).
 
     >>> training_flops_per_token(1000, 10)
     4060.0
     """
-    return 4.0 * n_frozen + 6.0 * n_trained
+    return 2 * forward_flops_per_token(n_frozen + n_trained) + forward_flops_per_token(n_trained)
+
+
+def forward_flops(model: nnx.Module, tokens: Mapping[str, int]) -> float:
+    """Estimated model FLOPs of one forward pass of `model` (a family, possibly abstract, with
+    its adapters): `forward_flops_per_token` of each parameter (`nnx.Param`, adapters included)
+    times the tokens its layer sees.
+
+    Args:
+      model: implements `mask_key` (`slim_jax.models.family.ModelFamily`): the batch key of the
+        segment ids of the tokens each layer sees.
+      tokens: token positions per segment-ids key (`{"segment_ids": n}` for a causal model;
+        `enc_segment_ids` and `dec_segment_ids` for an encoder-decoder).
+
+    Raises:
+      KeyError: a layer sees tokens of a key `tokens` lacks.
+
+    >>> from slim_jax.models.llama import Llama, LlamaConfig
+    >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1,
+    ...                   num_heads=2, num_kv_heads=1)
+    >>> model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    >>> n = count_params(nnx.state(model, nnx.Param))
+    >>> forward_flops(model, {"segment_ids": 10}) == 2 * n * 10
+    True
+    """
+    return sum(forward_flops_per_token(math.prod(param.shape))
+               * tokens[model.mask_key(module_path(path[:-1]))]
+               for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
 def mfu(

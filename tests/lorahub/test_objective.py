@@ -159,6 +159,24 @@ def test_population_split_over_devices_equals_one_device(llama_setup):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_scanned_population_split_over_devices_equals_unrolled_one_device(family, request):
+    # Under the population's shard_map the scanned layers' adapters vary over the devices and
+    # the carry (the embedded tokens) must vary alike (`slim_jax.nn.stack`).
+    import dataclasses
+
+    model, modules = request.getfixturevalue(f"{family}_setup")
+    scanned = type(model)(dataclasses.replace(model.config, scan_layers=True), rngs=nnx.Rngs(0))
+    weights = jax.random.uniform(jax.random.key(1), (16, 4), minval=-1.5, maxval=1.5)
+    scores = []
+    for base, mesh in ((model, None), (scanned, population_mesh(16))):
+        attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(base))
+        objective = build_objective(attached, adapt_examples(),
+                                    objective_layout(base, ByteTokenizer()))
+        scores.append(np.asarray(score_candidates(objective, weights, mesh=mesh)))
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5)
+
+
 def test_zero_weights_give_the_base_model(llama_setup):
     model, modules = llama_setup
     attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))

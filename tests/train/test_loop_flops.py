@@ -55,24 +55,43 @@ def test_a_loop_that_stops_on_data_is_counted_once_and_flagged():
 
     r = _count(until_small, X, WS[0])
     assert r.trip_counts == (None,) and not r.exact and r.flops == r.reported
+    assert r.count == "at least"
 
 
-def test_a_fori_loop_carrying_its_bound_counts_on_tpu():
-    # lax.fori_loop carries its upper bound through the loop: the TPU program's condition is
-    # `i < carried n`, with n set before the loop (the CPU compiler annotates the count).
-    libtpu = pytest.importorskip("libtpu")
-    del libtpu
+def _count_on_tpu(fn, *args):
+    """`fn` compiled for one v5e chip: the TPU program keeps a loop's condition unfused."""
+    pytest.importorskip("libtpu")
     from jax.sharding import NamedSharding, PartitionSpec
 
     from slim_jax.parallel import MeshConfig, make_mesh
     from slim_jax.parallel.topology import topology
 
+    mesh = make_mesh(MeshConfig(data=1), topology("v5e-4").devices[:1])
+    on = NamedSharding(mesh, PartitionSpec())
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on) for a in args]
+    compiled = jax.jit(fn).lower(*args).compile()
+    return loop_flops(compiled.as_text(), compiled.cost_analysis()["flops"])
+
+
+def test_a_fori_loop_carrying_its_bound_counts_on_tpu():
+    # lax.fori_loop carries its upper bound through the loop: the TPU program's condition is
+    # `i < carried n`, with n set before the loop (the CPU compiler annotates the count).
     def fori(x, w):
         return jax.lax.fori_loop(0, 6, lambda i, c: jnp.tanh(c @ w), x).sum()
 
-    mesh = make_mesh(MeshConfig(data=1), topology("v5e-4").devices[:1])
-    on = NamedSharding(mesh, PartitionSpec())
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on) for a in (X, WS[0])]
-    compiled = jax.jit(fori).lower(*args).compile()
-    r = loop_flops(compiled.as_text(), compiled.cost_analysis()["flops"])
+    r = _count_on_tpu(fori, X, WS[0])
     assert r.trip_counts == (6,) and r.flops >= 6 * 2 * 16 * 32 * 32 > r.reported
+
+
+def test_a_bounded_loop_that_may_stop_early_is_counted_to_its_bound_on_tpu():
+    # Greedy decoding's form, `t < n & ~all(done)`, t from 1: the count is the most it runs.
+    def decode(x, w):
+        def cond(state):
+            t, c = state
+            return (t < 7) & (c.sum() > 1.0)
+
+        return jax.lax.while_loop(cond, lambda s: (s[0] + 1, jnp.tanh(s[1] @ w)), (1, x))[1]
+
+    r = _count_on_tpu(decode, X, WS[0])
+    assert r.trip_counts == (6,) and r.stops_early == (True,) and r.count == "at most"
+    assert not r.exact and r.flops >= 6 * 2 * 16 * 32 * 32 > r.reported
