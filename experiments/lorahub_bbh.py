@@ -204,8 +204,9 @@ def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperimen
     if t0.tasks:
         targets = [load_t0_target(n, config.data_dir, validation=t0.validation)
                    for n in t0.tasks]
-        scores = ", ".join(f"{t.name} {t.majority_score(p.k, p.adapt_seed):.1f}"
-                           for t in targets)
+        scores = ", ".join(
+            f"{t.name} {t.majority_score(p.k, p.adapt_seed, p.max_test_examples):.1f}"
+            for t in targets)
         scored = ("validation items (the train part outside the ADAPT set)" if t0.validation
                   else "test split")
         chance = (f"T0 targets (unseen: left out of the module library) are scored on their "

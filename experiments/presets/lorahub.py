@@ -11,15 +11,16 @@ Presets:
 - `cpu` (the default): the real pretrained TinyStories model (llama2.c `stories260K`, 260K
   parameters, 512 positions) with 24 LoRA modules trained locally by `train_lora_modules` on the
   first 24 T0 template tasks of LoRAHub's module list that exist in the data folder (r=16,
-  alpha=32 as LoRAHub's, on `q_proj` and `v_proj`: the Llama names of T5's `q` and `v`); each run
+  alpha=32 as LoRAHub's, on `q_proj` and `v_proj`: the Llama names of T5's `q` and `v`; 150
+  steps each, 20 examples of each task held out to score the module on its own task); each run
   draws 20 of them (`random.seed(s); random.sample(names, 20)` over the 24 in list order), so the
-  draws differ as in the paper. Four BBH tasks with one-word answers (Yes/No, True/False) and
-  prompts that fit the model's 512 positions, all of their test examples, the paper's protocol
-  (K=5, five draws, budget 40) except that greedy decoding stops after 32 new tokens instead of
-  256: the answers are one or two tokens, and a 32-token continuation that has not ended is
-  already wrong under exact match unless the rest is dots and spaces (the TinyStories model
-  writes stories, not dots). That keeps the whole run, module training included, near 15
-  minutes on 2 CPU cores.
+  draws differ as in the paper. The targets: four BBH tasks with one-word answers (Yes/No,
+  True/False) and prompts that fit the model's 512 positions, all of their test examples, and
+  `CPU_T0_TARGETS`, T0 classification templates left out of the module library (scored on
+  their test split; chosen by a pilot on their validation items, experiments/RESULTS.md). The
+  paper's protocol (K=5, five draws, budget 40) except that greedy decoding stops after 32 new
+  tokens instead of 256: the answers are one or two words, and a 32-token continuation that has
+  not ended is already wrong under exact match unless the rest is dots and spaces.
 - `flan-t5-large`: the paper's setting: google/flan-t5-large with the published
   `lorahub/flan_t5_large-*` modules (a local folder or the hub), all 27 tasks.
 """

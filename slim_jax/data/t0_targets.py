@@ -86,11 +86,13 @@ class T0Target:
         return [Example(self.icl_prompt(shots, e.input) if shots else self.prompt(e.input),
                         e.target, answer=e.target) for e in examples]
 
-    def majority_score(self, k: int = ADAPT_K, seed: int = ADAPT_SEED) -> float:
+    def majority_score(self, k: int = ADAPT_K, seed: int = ADAPT_SEED,
+                       limit: int | None = None) -> float:
         """Exact match x 100 of always answering the train part's most frequent label, on the
-        items `adapt_split` scores: the chance line a method must beat."""
+        items `adapt_split` scores (the first `limit` of them, as the protocol's
+        `max_test_examples` takes them): the chance line a method must beat."""
         top = max(Counter(e.target for e in self.train).items(), key=lambda kv: (kv[1], kv[0]))
-        scored = self.adapt_split(k, seed)[1]
+        scored = self.adapt_split(k, seed)[1][:limit]
         return 100.0 * sum(e.target == top[0] for e in scored) / max(len(scored), 1)
 
 

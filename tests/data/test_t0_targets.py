@@ -61,6 +61,8 @@ def test_majority_score_is_the_chance_line(shared_data):
     test = target.adapt_split()[1]
     assert target.majority_score() == pytest.approx(
         100 * sum(t.target == top for t in test) / len(test))
+    assert target.majority_score(limit=10) == pytest.approx(
+        100 * sum(t.target == top for t in test[:10]) / 10)
 
 
 def test_bad_targets_are_named(shared_data):
