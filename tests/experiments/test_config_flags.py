@@ -37,7 +37,8 @@ BAD: dict[str, dict[str, str]] = {
     "UpstreamSpec": {
         "num_modules": "0", "max_length": "1", "num_devices": "-1", "rank": "0", "alpha": "0",
         "dropout": "1", "steps": "0", "save_every": "-1", "learning_rate": "0",
-        "warmup_steps": "-1", "batch_size": "0", "targets": "(", "max_examples": "0"},
+        "warmup_steps": "-1", "batch_size": "0", "targets": "(", "max_examples": "0",
+        "heldout": "-1"},
 }
 
 COMMANDS = {

@@ -47,7 +47,7 @@ def test_help_lists_every_field_with_its_default(capsys):
      "evaluations (N=20) plus one generation of population_size=8; give budget >= 28"),
     (["--out", "{file}"], "is a file; give a folder"),
     (["--out", "/proc/no/such"], "--out /proc/no/such: cannot create or write in /proc"),
-    (["--bbh.tasks", ""], "no task to run: give --bbh.tasks or --t0.tasks"),
+    (["--bbh.tasks", "", "--t0.tasks", ""], "no task to run: give --bbh.tasks or --t0.tasks"),
     (["--t0.tasks", "quoref_What_Is_The_Answer"], "distinct completions, more than "
                                                   "max_classes=20"),
     (["--t0.tasks", "amazon_polarity_flattering_or_not"],
