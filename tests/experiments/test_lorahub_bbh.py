@@ -17,6 +17,7 @@ from slim_jax.models.llama2c import load_llama2c
 from slim_jax.models.peft_io import save_peft
 from slim_jax.nn import LoRAConfig, adapted_layers, inject
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: whole commands
 TASKS = ("qasc_qa_with_separated_facts_3", "wiki_hop_original_choose_best_object_affirmative_1")
 T0_TARGET = "amazon_polarity_Is_this_product_review_positive"  # unseen: not a LoRAHub module
 

@@ -28,6 +28,7 @@ from slim_jax.nn import SlimLinear, adapted_layers, inference_view, inject
 from slim_jax.train import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("quick_compile")
 # The cpu preset (real TinyStories model, real AG News data), shortened: 3 steps, 8 test
 # examples, 4 short stories, adapters on two layers of the last block (so that the backward pass,
 # and its compilation, stops there) to keep six methods quick.

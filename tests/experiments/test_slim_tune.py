@@ -101,8 +101,7 @@ SHORT = ["--methods", "lora", "--seeds", "0", "--tune.trials", "2", "--train.ste
          "--task.max-train", "32", "--task.max-test", "8", "--data.batch-size", "8",
          "--data.seq-len", "64", "--eval.max-length", "64", "--eval.max-new-tokens", "4",
          "--eval.batch-size", "8", "--general.num-stories", "2", "--general.story-tokens", "16",
-         "--targets", "layers/4/self_attn/q_proj$", "--num-devices", "1",
-         "--compilation-cache", "none", "--workers", "1"]
+         "--targets", "layers/4/self_attn/q_proj$", "--num-devices", "1", "--workers", "1"]
 
 
 def _tuning_outputs(out: Path) -> tuple[dict, list[dict]]:
@@ -116,11 +115,15 @@ def _tuning_outputs(out: Path) -> tuple[dict, list[dict]]:
 
 
 @pytest.mark.slow
-def test_tuning_never_reads_the_test_items(shared_data, tmp_path):
+def test_tuning_never_reads_the_test_items(processes, process_env, shared_data, tmp_path):
     clean, poisoned = tmp_path / "clean", tmp_path / "poisoned"
-    assert main([*SHORT, "--out", str(clean), "--data-dir", str(shared_data)]) == 0
     data = _poisoned_data(shared_data, tmp_path / "data")
-    assert main([*SHORT, "--out", str(poisoned), "--data-dir", str(data)]) == 0
+    # Two processes sharing one compilation cache: the second run compiles nothing.
+    for out, folder in ((clean, shared_data), (poisoned, data)):
+        argv = processes.command("experiments.slim_finetune", *SHORT, "--out", str(out),
+                                 "--data-dir", str(folder), "--compilation-cache",
+                                 str(tmp_path / "xla"))
+        processes.Run(argv, tmp_path / f"{out.name}.log", process_env).finish()
     tuned, trials = _tuning_outputs(clean)
     assert len(trials) == 2 and tuned["lora"]["trial"] in (0, 1)
     assert _tuning_outputs(poisoned) == (tuned, trials)  # the test items were never read

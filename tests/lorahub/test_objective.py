@@ -19,6 +19,8 @@ from slim_jax.lorahub import (
 )
 from tests.lorahub.conftest import adapt_examples
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 value = jax.jit(lambda objective, w: objective(w))
 
 

@@ -22,6 +22,8 @@ from tests.lorahub.conftest import (
     tiny_t5,
 )
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 RUN_1 = [34, 145, 195, 16, 65, 30, 126, 194, 115, 120, 166, 97, 53, 24, 124, 7, 99, 110, 155, 0]
 
 

@@ -32,6 +32,8 @@ from slim_jax.lorahub.toy import CompositionObjective, QuadraticObjective
 from slim_jax.models.generate import generate
 from tests.lorahub.conftest import random_modules, target_layers, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 W_STAR = np.array([0.9, -0.6, 0.0, 1.2], np.float32)
 value = jax.jit(lambda objective, w: objective(w))
 

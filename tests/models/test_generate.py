@@ -15,6 +15,8 @@ from slim_jax.errors import ConfigError
 from slim_jax.models import generate as gen
 from slim_jax.models.llama import Llama, LlamaConfig
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 VOCAB = 32
 
 

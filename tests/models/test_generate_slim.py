@@ -15,6 +15,8 @@ from slim_jax.models.llama import Llama, LlamaConfig
 from slim_jax.models.t5 import T5, T5Config
 from slim_jax.nn import SlimConfig, SlimLinear, inject
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 PROMPTS = [[1, 5, 6], [1, 7]]
 NEW = 6
 

@@ -19,6 +19,8 @@ from slim_jax.models.llama import Llama, LlamaConfig
 from slim_jax.models.t5 import T5, T5Config
 from slim_jax.nn import LoRAConfig, SlimConfig, inject
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 LLAMA = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
                     num_heads=4, num_kv_heads=2)
 T5_CFG = T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=24, num_layers=2,

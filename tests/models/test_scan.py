@@ -25,6 +25,8 @@ from slim_jax.parallel.mesh import MeshConfig, make_mesh
 from slim_jax.parallel.rules import logical_to_spec
 from slim_jax.train.forward import masked_batch_logits
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 CFG = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=3,
                   num_heads=4, num_kv_heads=2)
 HF_CONFIG = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,

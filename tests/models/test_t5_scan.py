@@ -30,6 +30,8 @@ from slim_jax.nn.stack import LayerStack
 from slim_jax.parallel.mesh import MeshConfig, make_mesh
 from slim_jax.train.forward import masked_batch_logits
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 CFG = T5Config(vocab_size=ByteTokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=3,
                num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
                relative_attention_max_distance=16, eos_token_id=2)

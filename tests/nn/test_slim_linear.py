@@ -13,6 +13,8 @@ from slim_jax.core.clustering import ClusterStats, max_z, token_quantile, update
 from slim_jax.errors import ShapeError
 from slim_jax.nn import AdapterParam, ClusterState, LoRAConfig, LoRALinear, SlimConfig, SlimLinear
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 CFG = SlimConfig(num_lora_experts=3, num_identity_experts=2, top_k=2, rank=2, alpha=4,
                  num_clusters=2, momentum=0.9)
 

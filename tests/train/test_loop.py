@@ -15,6 +15,8 @@ from slim_jax.nn import SlimConfig, inject
 from slim_jax.parallel import BatchSizeError, MeshConfig, MeshError
 from slim_jax.train import NonFiniteLossError, TrainConfig, Trainer, masked_batch_logits
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 ONE = jax.devices()[:1]
 
 

@@ -11,6 +11,8 @@ from slim_jax.checkpoint import Checkpointer
 from slim_jax.parallel import MeshConfig
 from slim_jax.train import Trainer, read_metrics
 
+pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: tiny models
+
 STEPS, KILL_AT = 4, 2
 
 
