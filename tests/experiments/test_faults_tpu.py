@@ -20,8 +20,8 @@ import pytest
 
 MODULES = ["--upstream.num-modules", "2", "--upstream.steps", "8", "--upstream.save-every", "2",
            "--upstream.max-length", "48", "--upstream.batch-size", "2", "--upstream.num-devices",
-           "1", "--progress", "false"]
-BBH = ["--bbh.tasks", "navigate,web_of_lies", "--protocol.runs", "2",
+           "1", "--upstream.heldout", "0", "--progress", "false"]
+BBH = ["--bbh.tasks", "navigate,web_of_lies", "--t0.tasks", "", "--protocol.runs", "2",
        "--protocol.modules-per-run", "2", "--protocol.max-test-examples", "2",
        "--protocol.max-new-tokens", "2", "--protocol.max-length", "64", "--protocol.budget", "8",
        "--protocol.population-size", "4", "--progress", "false"]
