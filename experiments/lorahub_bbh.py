@@ -1,7 +1,12 @@
 """`python -m experiments.lorahub_bbh`: LoRAHub on BIG-Bench Hard, with a choice of searches.
 
-For every BBH task (LORAHUB.md s5): the K=5 ADAPT examples (seed 42, kept out of the test set),
-zero-shot and in-context baselines, then five runs, run s composing the 20 modules drawn by
+The targets are BBH tasks (`--bbh.tasks`) and, beside them, T0 classification templates left out
+of the module library (`--t0.tasks`, `slim_jax.data.T0Target`: K examples from the template's
+train part, scored on its test split, or on the rest of the train part with `--t0.validation
+true` for pilots; results.md gives each one's chance line). A target that is one of the library's
+tasks is refused. For every target (LORAHUB.md s5): the K=5 ADAPT examples (seed 42, kept out
+of the test set), zero-shot and in-context baselines, then five runs, run s composing the 20
+modules drawn by
 `random.seed(s); random.sample(names, 20)`: the uniform average, the best single module, and
 each search (`--protocol.search`, default Adam through the composition, and COBYLA as the
 reference runs it) at the same
@@ -28,7 +33,8 @@ uninterrupted run). A finished `--out` is refused unless `--overwrite`.
 The cpu preset (default) uses the TinyStories model with modules from
 `python -m experiments.train_lora_modules` (trained first, with a line saying so, when the module
 folder holds none or an unfinished set) and
-draws over those modules in LoRAHub's list order; `--bbh.tasks all` runs all 27 tasks.
+draws over those modules in LoRAHub's list order; its targets are four BBH tasks and four T0
+templates (`CPU_T0_TARGETS`); `--bbh.tasks all` runs all 27 BBH tasks.
 
 Examples:
     python -m experiments.lorahub_bbh                               # the cpu preset
