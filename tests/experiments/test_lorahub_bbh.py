@@ -180,7 +180,7 @@ def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
     assert "| navigate | 2 |" in table and "LoRAHub CMA-ES (best)" in table
     assert f"| {T0_TARGET} | 2 |" in table and "| **average** | 6 |" in table
     assert table.startswith("# LoRAHub (cpu): BIG-Bench Hard and T0 targets")
-    chance = load_t0_target(T0_TARGET, shared_data).majority_score()
+    chance = load_t0_target(T0_TARGET, shared_data).majority_score(limit=2)
     assert f"most frequent train label scores {T0_TARGET} {chance:.1f}." in table
     assert (out / "search_progress.png").stat().st_size > 0
     assert (out / "command.txt").read_text().startswith(
