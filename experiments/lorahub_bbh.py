@@ -201,18 +201,17 @@ def task_result(record: dict) -> TaskResult:
 
 
 def write_results(out: Path, results: list[TaskResult], config: LoRAHubExperiment,
-                  command: str, seconds: float) -> None:
-    """results.md, results.json and the search-progress plot (rewritten after every task)."""
+                  command: str, seconds: float, tasks: dict[str, TargetTask]) -> None:
+    """results.md, results.json and the search-progress plot (rewritten after every task);
+    `tasks` as `load_tasks` gave them (the T0 targets' chance lines)."""
     table = results_table(results)
     p = config.protocol
     t0 = config.t0
     chance = ""
     if t0.tasks:
-        targets = [load_t0_target(n, config.data_dir, validation=t0.validation)
-                   for n in t0.tasks]
         scores = ", ".join(
-            f"{t.name} {t.majority_score(p.k, p.adapt_seed, p.max_test_examples):.1f}"
-            for t in targets)
+            f"{name} {tasks[name].majority_score(p.k, p.adapt_seed, p.max_test_examples):.1f}"
+            for name in t0.tasks)
         scored = ("validation items (the train part outside the ADAPT set)" if t0.validation
                   else "test split")
         chance = (f"T0 targets (unseen: left out of the module library) are scored on their "
@@ -330,8 +329,8 @@ def run_experiment(config: LoRAHubExperiment, argv: Sequence[str], stop: StopSig
             task_file(out, name, partial=True).unlink(missing_ok=True)
             results.append(result)
             results.sort(key=lambda r: list(tasks).index(r.task))
-            write_results(out, results, config, command, time.perf_counter() - start)
-    write_results(out, results, config, command, time.perf_counter() - start)
+            write_results(out, results, config, command, time.perf_counter() - start, tasks)
+    write_results(out, results, config, command, time.perf_counter() - start, tasks)
     run_state.mark_finished(out)
     if config.progress:
         print(f"\n{results_table(results)}\n\nresults in {out}")
