@@ -318,6 +318,19 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> floa
     return 2 * n**3 / min(times)
 
 
+def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
+    """This machine's measured memory read bandwidth in bytes/s under the current thread
+    setting: a float32 array of `mib` MiB (far larger than any cache) summed by a jitted
+    reduction, which reads every byte once; the fastest of `repeats` rounds."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    times = interleave({"sum": lambda: total(x).block_until_ready()}, repeats=repeats)["sum"]
+    return x.nbytes / min(times)
+
+
 def compiled_flops(compiled: Any) -> float | None:
     """XLA's FLOP count of a compiled program (`jax.jit(f).lower(...).compile()`), or None."""
     cost = compiled.cost_analysis()

@@ -158,6 +158,23 @@ def llama2c_generation(args: argparse.Namespace) -> str | None:
     return harness.describe(times, work=args.batch * 256, unit="tok/s")
 
 
+def generation_bound(ours: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The memory roof of greedy decoding: every new token reads all the weights once (a batch
+    of a few rows cannot reuse them from cache when they are larger than it), so one decoding
+    step takes at least `weight bytes / read bandwidth` on either side, whatever the library."""
+    import jax
+    from flax import nnx
+
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+    bandwidth = harness.read_bandwidth()
+    tok_s = args.batch * bandwidth / weight_bytes
+    line = (f"generation memory roof: {weight_bytes / 2**20:.1f} MiB of weights read per step at "
+            f"{bandwidth / 2**30:.2f} GiB/s measured read bandwidth: at most {tok_s:,.0f} tok/s "
+            f"(batch {args.batch}) for any implementation in float32")
+    return {"weight_bytes": weight_bytes, "read_bytes_per_s": bandwidth, "max_tok_s": tok_s,
+            "line": line}
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     ctx = harness.start(args, __file__, argv)  # before JAX's first computation: pins threads
@@ -185,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     extra = llama2c_generation(args) if args.model == "llama" else None
     if extra:
         print(f"tinystories260k generation (slim_jax, batch {args.batch} x 256 new): {extra}")
+    bound = generation_bound(ours, args)
+    print(bound["line"])
     for row in rows:
         print(row.line())
     for row, target in zip(rows, (1.0, 1.5), strict=True):  # issue 14's targets
@@ -192,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
               f"{row.speedup:.2f}x ({'met' if row.speedup >= target else 'MISSED'})")
     result = {"context": ctx.record(), "config": vars(args), "max_abs_logit_diff": max_diff,
               "forward_s": forward_times, "generate_s": generate_times,
-              "tinystories260k_generate": extra}
+              "tinystories260k_generate": extra, "generation_bound": bound}
     print(json.dumps(result))
     return result
 

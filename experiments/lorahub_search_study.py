@@ -103,14 +103,15 @@ def run_study(modules_dir: str, tasks: Sequence[str], t0_tasks: Sequence[str], r
                **{n: load_t0_target(n, data_dir) for n in t0_tasks}}
     out: dict = {"modules": names, "draws": draws, "targets": []}
     done = _finished_targets(out_dir / "study.json", names, draws)
-    for name, task in targets.items():
-        adapt, _ = task.adapt_split()
-        for run, draw in enumerate(draws, start=1):
+    # Draws outside, targets inside: a study cut short still covers every target.
+    adapts = {name: task.as_examples(task.adapt_split()[0]) for name, task in targets.items()}
+    for run, draw in enumerate(draws, start=1):
+        attached = ModuleLibrary.from_modules([modules[n] for n in draw]).attach(model)
+        for name, adapt in adapts.items():
             if (name, run) in done:  # a restarted study keeps what it finished
                 out["targets"].append(done[name, run])
                 continue
-            attached = ModuleLibrary.from_modules([modules[n] for n in draw]).attach(model)
-            objective = build_objective(attached, task.as_examples(adapt), layout)
+            objective = build_objective(attached, adapt, layout)
             target = {"task": name, "run": run, "results": {},
                       "load_before": os.getloadavg()[0]}
             for label, method, settings in CONFIGS:

@@ -103,3 +103,13 @@ def test_compare_uses_per_round_ratios():
 
 def test_doctests():
     assert doctest.testmod(harness, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+def test_read_bandwidth_is_bytes_over_the_fastest_round(monkeypatch):
+    def rounds(fns, repeats):
+        assert float(fns["sum"]()) == 4 * 2**20 / 4  # the call sums every element once
+        return {"sum": [0.5, 0.25, 1.0][:repeats]}
+
+    monkeypatch.setattr(harness, "interleave", rounds)
+    # 4 MiB read in 0.25 s at best: 16 MiB/s.
+    assert harness.read_bandwidth(mib=4, repeats=3) == 4 * 2**20 / 0.25

@@ -46,3 +46,16 @@ def test_attention_forms_agree_with_the_current_einsum():
     ref = np.asarray(jax.jit(module.einsum_form)(q, k, v, mask))
     for form in (module.bhsd_form, module.dpa_form, module.blocked_form(3), module.library_form):
         np.testing.assert_allclose(np.asarray(jax.jit(form)(q, k, v, mask)), ref, atol=1e-5)
+
+
+def test_generation_memory_roof_counts_every_weight_byte(monkeypatch):
+    import argparse
+
+    from flax import nnx
+
+    module = _script("model_forward")
+    monkeypatch.setattr(module.harness, "read_bandwidth", lambda: 1000.0)  # bytes/s
+    model = nnx.Linear(4, 4, rngs=nnx.Rngs(0))  # 16 + 4 float32 parameters: 80 bytes
+    bound = module.generation_bound(model, argparse.Namespace(batch=8))
+    assert bound["weight_bytes"] == 80 and bound["max_tok_s"] == 8 * 1000.0 / 80
+    assert bound["line"].startswith("generation memory roof: 0.0 MiB of weights")

@@ -53,7 +53,7 @@ def test_a_small_study_end_to_end_and_its_restart(modules, shared_data, tmp_path
     # The draws are the default command's: random.seed(s); random.sample in LoRAHub's order.
     assert record["draws"] == [random.Random(s).sample(list(MODULES), 2) for s in (1, 2)]
     assert [(t["task"], t["run"]) for t in record["targets"]] == [
-        ("navigate", 1), ("navigate", 2), (T0_TARGET, 1), (T0_TARGET, 2)]
+        ("navigate", 1), (T0_TARGET, 1), ("navigate", 2), (T0_TARGET, 2)]
     for target in record["targets"]:
         assert set(target["results"]) == {c[0] for c in SMALL}
         for result in target["results"].values():
