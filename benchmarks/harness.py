@@ -52,15 +52,39 @@ def load_average() -> tuple[float, float, float]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (`platform.processor()` elsewhere)."""
+    """The CPU's model name from /proc/cpuinfo (`platform.processor()` elsewhere), with its
+    widest vector extension and family / model numbers: a virtual machine may name only the
+    vendor ("AMD EPYC"), and the same name then covers CPUs whose relative speeds differ."""
     try:
         with open("/proc/cpuinfo") as f:
+            fields: dict[str, str] = {}
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    return describe_cpu(fields) or platform.processor() or platform.machine()
+
+
+def describe_cpu(fields: dict[str, str]) -> str:
+    """One line from a processor's /proc/cpuinfo fields.
+
+    >>> describe_cpu({"model name": "AMD EPYC", "cpu family": "25", "model": "17",
+    ...               "flags": "fpu avx2 avx512f avx512_bf16"})
+    'AMD EPYC (family 25 model 17, avx512f avx512_bf16)'
+    >>> describe_cpu({"model name": "AMD EPYC", "flags": "fpu avx2"})
+    'AMD EPYC (avx2)'
+    """
+    flags = fields.get("flags", "").split()
+    vector = [f for f in ("avx512f", "avx512_bf16", "amx_tile") if f in flags] or (
+        ["avx2"] if "avx2" in flags else [])
+    where = (f"family {fields['cpu family']} model {fields['model']}"
+             if "cpu family" in fields and "model" in fields else "")
+    details = ", ".join(x for x in (where, " ".join(vector)) if x)
+    name = fields.get("model name", "")
+    return f"{name} ({details})" if name and details else name
 
 
 def busy_reason(load1: float, cores: int, per_core: float = BUSY_PER_CORE) -> str | None:
