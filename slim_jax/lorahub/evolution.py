@@ -17,9 +17,11 @@ Starts:
   evaluations), and the strategy starts from the best of them, or from the uniform average of
   the best `top`.
 
-Restarts (`restart_every > 0`, IPOP-style): after that many generations the strategy starts again
-from the best point so far with the initial step size and twice the population, until the budget
-is spent.
+Restarts (`restart_patience > 0`, IPOP-style, Auger & Hansen 2005): a run stops once its best
+objective has not improved for that many generations in a row, and the strategy starts again
+from the best point so far with the initial step size and twice the population, on the
+evaluations the stopped run did not spend, until the budget is spent. A run that keeps improving
+is never cut short, so a restarting search is plain CMA-ES until it stagnates.
 """
 
 from __future__ import annotations
@@ -67,20 +69,26 @@ def _strategy(name: str, population_size: int, num_dims: int) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames=("strategy", "generations", "bound", "scoring",
-                                             "mesh", "evaluate_mean"))
+                                             "mesh", "evaluate_mean", "patience"))
 def _evolve(objective: SearchObjective, key: jax.Array, mean: jax.Array, sigma: jax.Array, *,
             strategy: Any, generations: int, bound: float, scoring: Scoring, mesh: Mesh | None,
-            evaluate_mean: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One run of a strategy: `(best w [N], best objective [], values [G, P])`."""
+            evaluate_mean: bool, patience: int = 0
+            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One run of a strategy: `(best w [N], best objective [], values [G, P], generations run [])`.
+
+    The run stops early, before `generations`, once its best objective has not improved for
+    `patience` generations in a row (0: never); the rows of `values` after the last generation
+    run are NaN.
+    """
     params = strategy.default_params.replace(std_init=sigma)
     init_key, run_key = jax.random.split(key)
     state = strategy.init(init_key, mean, params)
     n = mean.shape[0]
+    keys = jax.random.split(run_key, generations)
 
-    def generation(carry: tuple[Any, jax.Array, jax.Array], inputs: tuple[jax.Array, jax.Array]):
-        state, best_w, best_f = carry
-        key, index = inputs
-        ask_key, tell_key = jax.random.split(key)
+    def generation(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        state, best_w, best_f, values, index, stall = carry
+        ask_key, tell_key = jax.random.split(keys[index])
         x, state = strategy.ask(ask_key, state, params)  # [P, N]
         if evaluate_mean:  # the start point itself is the first candidate evaluated
             x = x.at[0].set(jnp.where(index == 0, mean, x[0]))
@@ -93,12 +101,17 @@ def _evolve(objective: SearchObjective, key: jax.Array, mean: jax.Array, sigma: 
         better = safe[i] < best_f
         best_w = jnp.where(better, w[i], best_w)
         best_f = jnp.where(better, safe[i], best_f)
-        return (state, best_w, best_f), f
+        stall = jnp.where(better, 0, stall + 1)
+        return state, best_w, best_f, values.at[index].set(f), index + 1, stall
 
-    keys = jax.random.split(run_key, generations)
-    init = (state, jnp.zeros(n), jnp.asarray(jnp.inf, jnp.float32))
-    (_, best_w, best_f), values = jax.lax.scan(generation, init, (keys, jnp.arange(generations)))
-    return best_w, best_f, values
+    def running(carry: tuple[Any, ...]) -> jax.Array:
+        index, stall = carry[-2:]
+        return (index < generations) & ((patience == 0) | (stall < patience))
+
+    values = jnp.full((generations, strategy.population_size), jnp.nan, jnp.float32)
+    init = (state, jnp.zeros(n), jnp.asarray(jnp.inf, jnp.float32), values, 0, 0)
+    _, best_w, best_f, values, ran, _ = jax.lax.while_loop(running, generation, init)
+    return best_w, best_f, values, ran
 
 
 def start_cost(num_modules: int, start: Start) -> int:
@@ -134,7 +147,7 @@ def evolution_search(
     sigma: float = 0.5,
     start: Start = "zero",
     top: int = 1,
-    restart_every: int = 0,
+    restart_patience: int = 0,
     bound: float = BOUND,
     seed: int = 0,
     scoring: Scoring = "vmap",
@@ -152,8 +165,8 @@ def evolution_search(
       sigma: the initial step size (`bound / 3` keeps 3 sigma inside the box).
       start: "zero" (mean 0, evaluated first) or "singles" (module docstring).
       top: with start="singles", start from the uniform average of the best `top` singles.
-      restart_every: restart after this many generations from the best point so far with twice
-        the population (IPOP-style); 0 never restarts.
+      restart_patience: restart once a run's best has not improved for this many generations,
+        from the best point so far with twice the population (IPOP-style); 0 never restarts.
       bound: the box `[-bound, bound]^N`; proposals outside are bounced back (`bounce`).
       seed: the search's randomness (the same seed gives the same search).
       scoring: "vmap" (one pass per generation) or "sequential" (one pass per candidate).
@@ -182,8 +195,8 @@ def evolution_search(
         raise ConfigError(f"sigma must be > 0, got {sigma}")
     if start == "singles" and not 1 <= top <= n:
         raise ConfigError(f"top must be in 1..N={n} (singles to average), got {top}")
-    if restart_every < 0:
-        raise ConfigError(f"restart_every must be >= 0 generations, got {restart_every}")
+    if restart_patience < 0:
+        raise ConfigError(f"restart_patience must be >= 0 generations, got {restart_patience}")
     check_budget(budget, n, population_size, start)
     cost = start_cost(n, start)
     resolve_mesh(mesh, population_size, scoring)  # checks mesh and scoring before any work
@@ -212,29 +225,29 @@ def evolution_search(
     left, population = budget - cost, population_size
     while left >= population:
         generations = left // population
-        if restart_every > 0:
-            generations = min(generations, restart_every)
         key, run_key = jax.random.split(key)
         args = (objective, run_key, mean, jnp.asarray(sigma, jnp.float32))
         static = dict(strategy=_strategy(strategy, population, n), generations=generations,
                       bound=float(bound), scoring=scoring,
-                      mesh=resolve_mesh(mesh, population, scoring), evaluate_mean=evaluate_mean)
+                      mesh=resolve_mesh(mesh, population, scoring), evaluate_mean=evaluate_mean,
+                      patience=restart_patience)
         t0 = time.perf_counter()
         compiled = _evolve.lower(*args, **static).compile()
         t1 = time.perf_counter()
-        w, f, run_values = jax.block_until_ready(compiled(*args))
+        w, f, run_values, ran = jax.block_until_ready(compiled(*args))
         t2 = time.perf_counter()
+        ran = int(ran)
         compile_seconds += t1 - t0
-        values.append(np.asarray(run_values, np.float64).reshape(-1))  # [G * P]
+        values.append(np.asarray(run_values, np.float64)[:ran].reshape(-1))  # [ran * P]
         # A run is one program whose generations cost the same: generation g's values are known
-        # (g + 1) / G of the way through the run's execution.
-        steps = clock + (t2 - t1) * np.arange(1, generations + 1) / generations
+        # (g + 1) / ran of the way through the run's execution.
+        steps = clock + (t2 - t1) * np.arange(1, ran + 1) / ran
         times.append(np.repeat(steps, population))
         clock = float(steps[-1])
         if float(f) < best_f:
             best_w, best_f = np.asarray(w), float(f)
-        left -= generations * population
-        if restart_every == 0:
+        left -= ran * population
+        if restart_patience == 0:
             break
         mean, evaluate_mean = jnp.asarray(best_w), False
         population *= 2

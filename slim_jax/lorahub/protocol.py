@@ -112,9 +112,13 @@ class ProtocolConfig:
       baselines: which of zero_shot, icl, uniform, best_single to compute.
       budget: objective evaluations per search (40, the reference's).
       population_size: candidates per generation of the evolution strategies.
-      sigma: their initial step size.
+      sigma: their initial step size (0.3: in the search study, experiments/RESULTS.md, it was
+        the best step at 40 evaluations for CMA-ES at every population, from w = 0 and from the
+        best single module; 0.5 and 1.0 often never left w = 0).
       top: "singles_cmaes" starts from the average of the best `top` single modules.
-      restart_every: "ipop_cmaes" restarts after this many generations (0: never).
+      restart_patience: "ipop_cmaes" restarts, with twice the population, once a run's best has
+        not improved for this many generations (0: never; 10, the constant part of Hansen's
+        TolHistFun stopping rule: a shorter patience cut runs that were still converging).
       learning_rate: the gradient search's Adam step.
       bound: the box of the weights (1.5).
       objective_mode: "compat" (the reference's loss) or "mean".
@@ -136,9 +140,9 @@ class ProtocolConfig:
     baselines: tuple[str, ...] = (*BASELINES, *RUN_BASELINES)
     budget: int = 40
     population_size: int = 8
-    sigma: float = 0.5
+    sigma: float = 0.3
     top: int = 1
-    restart_every: int = 8
+    restart_patience: int = 10
     learning_rate: float = 0.05
     bound: float = BOUND
     objective_mode: LossMode = "compat"
