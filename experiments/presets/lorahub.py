@@ -22,7 +22,9 @@ Presets:
   tokens instead of 256: the answers are one or two words, and a 32-token continuation that has
   not ended is already wrong under exact match unless the rest is dots and spaces.
 - `flan-t5-large`: the paper's setting: google/flan-t5-large with the published
-  `lorahub/flan_t5_large-*` modules (a local folder or the hub), all 27 tasks.
+  `lorahub/flan_t5_large-*` modules (a local folder or the hub), all 27 tasks; sized for a
+  v5e-16 (`--compile-only true --topology v5e-16`): population scoring spread over the chips,
+  greedy generation 16 prompts at a time on one chip.
 """
 
 from __future__ import annotations
@@ -262,7 +264,10 @@ PRESETS: dict[str, tuple[LoRAHubExperiment, UpstreamExperiment]] = {
             modules=ModulesSpec(dir="lorahub_modules", local_only=False, train_missing=False,
                                 allow_pickle=True),
             bbh=BBHSpec(tasks=ALL),
-            protocol=ProtocolConfig(generation_batch_size=32)),
+            # Greedy generation runs on one chip; 16 prompts of 2048 tokens (256 new) fit a
+            # 16 GiB v5e chip, 32 do not (compiled: benchmarks/POD.md). Rows decode independently
+            # (padding masked): the batch sets speed and memory, not the answers.
+            protocol=ProtocolConfig(generation_batch_size=16)),
         UpstreamExperiment(preset="flan-t5-large", out="runs/lorahub_modules/flan-t5-large",
                            model=_T5_MODEL, upstream=_T5_UPSTREAM),
     ),

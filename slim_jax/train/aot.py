@@ -239,6 +239,13 @@ def compile_program(
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as err:
+            if "should include all slice devices" in str(err):
+                # Some slices (v5e-64, v5e-256: limited ICI routing; not v5e-16) take a
+                # multi-chip program only over the whole slice.
+                raise ConfigError(
+                    f"{program}: XLA compiles multi-chip programs for {topo.name} only over all "
+                    f"{len(topo.devices)} chips (limited ICI routing); this one spans "
+                    f"{mesh.size}") from None
             # XLA refuses a program whose working set exceeds the chip's HBM; report what it
             # said it needs instead of the program.
             needed = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])", str(err))

@@ -140,3 +140,41 @@ def test_lorahub_bbh_compile_only_prints_the_bound_of_every_program(tmp_path, ca
         assert "at peak 197 TFLOP/s" in line
         assert 0 < float(line.rsplit("MFU <= ", 1)[1]) <= 1.0
     assert out[-1].startswith("fits: ")
+
+
+def test_lorahub_compile_only_exits_by_every_program_and_names_the_one_that_does_not_fit(
+        monkeypatch, capsys):
+    # No compile: the two programs' reports stand in, so this checks the command's verdict over
+    # all programs (and the preset's generation batch, the one POD.md measured to fit v5e-16).
+    import experiments.compile_only as compile_only
+    from experiments.lorahub_bbh import main
+    from slim_jax.parallel.topology import GIB
+    from slim_jax.train.aot import CompileReport
+
+    topo = topology("v5e-16")
+    asked = {}
+
+    def fake(program, gib):
+        return CompileReport(program, topo, {"data": 1}, {"base": 3 * GIB}, int(gib * GIB),
+                             int((gib + 3) * GIB), 1e12, 5e11, 1.0)
+
+    def population(factory, topo, *, population, **kwargs):
+        return fake(f"population scoring P={population}", 2.0)
+
+    def generation(factory, topo, *, batch_size, input_len, max_new_tokens, gib):
+        asked.update(batch_size=batch_size, input_len=input_len, new=max_new_tokens)
+        return fake(f"greedy generation b={batch_size}", gib)
+
+    monkeypatch.setattr(compile_only, "compile_population", population)
+    args = ["--preset", "flan-t5-large", "--compile-only", "true", "--topology", "v5e-16"]
+    for gib, code in ((8.0, 0), (31.0, 1)):
+        monkeypatch.setattr(compile_only, "compile_generation",
+                            lambda *a, gib=gib, **k: generation(*a, gib=gib, **k))
+        assert main(args) == code
+        out = capsys.readouterr().out.strip().splitlines()
+        assert [line.split(" on ")[0] for line in out if " on v5e-16 " in line] == [
+            "population scoring P=16", "population scoring P=64", "greedy generation b=16"]
+        assert asked == {"batch_size": 16, "input_len": 2048, "new": 256}
+        assert out[-1] == ("fits: 11.0 of 16.0 GiB per chip" if code == 0 else
+                           "does not fit: greedy generation b=16 needs 34.0 GiB, of 16.0 GiB "
+                           "per chip on v5e-16")

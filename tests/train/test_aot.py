@@ -135,6 +135,29 @@ def test_a_program_xla_refuses_for_memory_is_reported_as_not_fitting():
     assert code == 1 and last.startswith("does not fit: big needs ")
 
 
+def test_a_program_over_part_of_a_v5e_64_slice_is_one_clear_error():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from slim_jax.parallel import make_mesh
+    from slim_jax.train.aot import compile_program
+
+    topo = topology("v5e-64")  # XLA: "device assignment should include all slice devices"
+    x = jax.ShapeDtypeStruct((128, 128), jnp.float32)
+    for n, ok in ((1, True), (64, True), (16, False)):
+        mesh = make_mesh(MeshConfig(data=n), topo.devices[:n])
+        args = ("toy", lambda x: x * 2, (x,), (NamedSharding(mesh, PartitionSpec("data")),),
+                topo, mesh)
+        if ok:
+            assert compile_program(*args, kinds={}).fits
+        else:
+            with pytest.raises(ConfigError, match=r"^toy: XLA compiles multi-chip programs for "
+                               r"v5e-64 only over all 64 chips \(limited ICI routing\); this "
+                               r"one spans 16$"):
+                compile_program(*args, kinds={})
+
+
 def test_a_batch_the_topology_cannot_split_is_one_clear_error():
     from slim_jax.parallel.sharding import BatchSizeError
 
