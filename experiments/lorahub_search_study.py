@@ -238,9 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="modules per draw (the protocol's N: 20)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="experiments/results/lorahub_search_study")
-    parser.add_argument("--compilation-cache", default="~/.cache/slim_jax/xla")
+    parser.add_argument("--compilation-cache", default="~/.cache/slim_jax/xla",
+                        help="JAX's persistent compilation cache folder; none turns it off")
     args = parser.parse_args(argv)
-    enable_compilation_cache(args.compilation_cache)
+    enable_compilation_cache(None if args.compilation_cache.lower() == "none"
+                             else args.compilation_cache)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks, t0_tasks = ([n for n in a.split(",") if n] for a in (args.tasks, args.t0_tasks))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,7 @@ def test_a_small_study_end_to_end_and_its_restart(modules, shared_data, tmp_path
             "--t0-tasks", T0_TARGET, "--runs", "2", "--per-run", "2", "--out", str(out),
             "--compilation-cache", "none"]
     assert study.main(args) == 0
+    assert not (tmp_path / "none").exists() and not Path("none").exists()  # "none": no cache
     record = json.loads((out / "study.json").read_text())
     # The draws are the default command's: random.seed(s); random.sample in LoRAHub's order.
     assert record["draws"] == [random.Random(s).sample(list(MODULES), 2) for s in (1, 2)]
