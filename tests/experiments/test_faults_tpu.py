@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-MODULES = ["--upstream.num-modules", "2", "--upstream.steps", "8", "--upstream.save-every", "2",
+MODULES = ["--upstream.num-modules", "2", "--upstream.steps", "24", "--upstream.save-every", "2",
            "--upstream.max-length", "48", "--upstream.batch-size", "2", "--upstream.num-devices",
            "1", "--upstream.heldout", "0", "--progress", "false"]
 BBH = ["--bbh.tasks", "navigate,web_of_lies", "--t0.tasks", "", "--protocol.runs", "2",
