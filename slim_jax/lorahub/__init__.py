@@ -3,8 +3,8 @@
 - `library`: load N LoRA modules (PEFT directories or slim_jax adapters), check, stack, attach.
 - `objective`: the few-shot loss of a composition plus `0.05 * mean|w|`, for a population at once.
 - `search`: every search by name (`SEARCHES`): evosax strategies with a vmapped population and a
-  `lax.scan` loop (`evolution`: CMA-ES, separable CMA-ES, SNES, singles-first, IPOP
-  restarts), COBYLA as the reference runs it, Adam; all return a `SearchResult`.
+  compiled `lax.while_loop` over the generations (`evolution`: CMA-ES, separable CMA-ES, SNES,
+  singles-first, IPOP restarts), COBYLA as the reference runs it, Adam; all return a `SearchResult`.
 - `predict`, `protocol`, `report`: BIG-Bench Hard answers, the paper's protocol, tables and plots.
 - `upstream`: train LoRA modules on the T0 template tasks named like LoRAHub's, save as PEFT.
 

@@ -3,8 +3,9 @@
 `evolution_search` runs an evosax strategy over `w in [-bound, bound]^N`: each generation asks
 for P candidates, bounces them into the box (`bounce`, as the reference bounds its weights),
 scores all P in one jitted `jax.vmap`ped forward pass (`Objective.population`, split over devices
-with a mesh) and tells the fitnesses back; the generations run under `jax.lax.scan`, so a run is
-one compiled program. Strategies (`STRATEGIES`): CMA-ES, separable CMA-ES and SNES.
+with a mesh) and tells the fitnesses back; the generations run under `jax.lax.while_loop` (which
+can stop a stalled run early, for IPOP restarts), so a run is one compiled program. Strategies
+(`STRATEGIES`): CMA-ES, separable CMA-ES and SNES.
 
 Not PGPE: LoRAHub's objective is even in w at w = 0 (the composed delta `(sum w_i A_i)(sum w_i
 B_i)` and the L1 term are both unchanged by w -> -w), so PGPE's antithetic pairs `0 + z`, `0 - z`

@@ -6,8 +6,8 @@ objective, and the objective of every evaluation in order. `SEARCHES` names them
 settings each takes; `search(objective, name, **settings)` runs one by name:
 
 - "cmaes", "sep_cmaes", "snes": evosax strategies from w = 0, a generation = one jitted,
-  vmapped forward pass over the population, the whole search one `lax.scan`
-  (`slim_jax.lorahub.evolution`).
+  vmapped forward pass over the population, the whole search one compiled `lax.while_loop`
+  over the generations (`slim_jax.lorahub.evolution`).
 - "singles_cmaes": all N single modules scored in one vmapped call, then CMA-ES from the best
   (or from the average of the best `top`).
 - "ipop_cmaes": CMA-ES restarted, with twice the population, from the best point whenever a run
