@@ -43,7 +43,7 @@ from experiments.presets.lorahub import (
     ModelSpec,
     ModulesSpec,
 )
-from experiments.run_state import write_atomic
+from experiments.run_state import read_json, write_atomic
 from slim_jax.data import load_bbh, load_t0_target
 from slim_jax.errors import ConfigError, SlimJaxError
 from slim_jax.lorahub import (
@@ -132,9 +132,9 @@ def _finished_targets(path: Path, modules: list[str],
                       draws: list[list[str]]) -> dict[tuple[str, int], dict]:
     """The (target, run) results of an earlier start of the same study (same modules and draws)
     with every configuration finished; nothing when there is none or it differs."""
-    if not path.exists():
+    old = read_json(path)
+    if old is None:
         return {}
-    old = json.loads(path.read_text())
     if old.get("modules") != modules or old.get("draws") != draws:
         raise ConfigError(f"{path} holds a study of other modules or draws; give another --out")
     labels = {c[0] for c in CONFIGS}

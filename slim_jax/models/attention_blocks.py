@@ -181,20 +181,19 @@ def one_query(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
     b, _, heads, d = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
-    # [b, t, kv, g, d] with groups, [b, t, heads, d] without.
-    group = (lambda x: x[:, :, :, None]) if groups > 1 else (lambda x: x)
-    qg = q.reshape(b, 1, kv_heads, groups, d) if groups > 1 else q
-    scores = jnp.sum(qg.astype(jnp.float32) * group(k.astype(jnp.float32)), axis=-1)
+    axes = (kv_heads, groups) if groups > 1 else (heads,)  # the heads' axes: [kv, g] or [heads]
+    per_kv = (slice(None),) * 3 + (None,) * (len(axes) - 1)  # keys / values: [b, t, kv(, 1), d]
+    qg = q.reshape(b, 1, *axes, d).astype(jnp.float32)
+    scores = jnp.sum(qg * k.astype(jnp.float32)[per_kv], axis=-1)  # [b, t, *axes]
     if scale is not None:
         scores = scores * scale
-    if bias is not None:  # [b|1, heads|1, 1, t] -> [b|1, t, kv|1, g|1] (or [b|1, t, heads|1])
-        per_head = scores.shape[2:] if bias.shape[1] == heads else (1,) * (scores.ndim - 2)
+    if bias is not None:  # [b|1, heads|1, 1, t] -> [b|1, t, *axes or 1s]
+        per_head = axes if bias.shape[1] == heads else (1,) * len(axes)
         scores = scores + jnp.moveaxis(bias[:, :, 0], 1, 2).reshape(
             bias.shape[0], bias.shape[3], *per_head)
     if mask is not None:  # [b, 1, t]
-        scores = jnp.where(mask[:, 0, :, None, None] if groups > 1 else mask[:, 0, :, None],
-                           scores, NEG)
+        scores = jnp.where(mask[:, 0][(..., *(None,) * len(axes))], scores, NEG)
     probs = jax.nn.softmax(scores, axis=1).astype(dtype).astype(jnp.float32)
-    values = group(v.astype(dtype).astype(jnp.float32))
-    out = jnp.sum(probs[..., None] * values, axis=1)  # [b, kv, g, d] or [b, heads, d]
+    values = v.astype(dtype).astype(jnp.float32)[per_kv]
+    out = jnp.sum(probs[..., None] * values, axis=1)  # [b, *axes, d]
     return out.astype(dtype).reshape(b, 1, heads * d)
