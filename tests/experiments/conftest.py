@@ -44,3 +44,34 @@ def data_args(shared_data, tmp_path_factory) -> list[str]:
     nothing; the compiled programs, hence the numbers, are the same)."""
     cache = tmp_path_factory.mktemp("xla")
     return ["--data-dir", str(shared_data), "--compilation-cache", str(cache)]
+
+
+@pytest.fixture(scope="session")
+def write_peft_modules(shared_data):
+    """`write(root, tasks, ranks=4, random_b=True)`: one PEFT LoRA module per task in `root/<task>`
+    on q/v of the TinyStories model (rank r, alpha 2r); with `random_b` the B factors are drawn
+    (`np.random.default_rng(0)` over the tasks in order), so the composition weights matter."""
+    import numpy as np
+    from flax import nnx
+
+    from slim_jax.models.llama2c import load_llama2c
+    from slim_jax.models.peft_io import save_peft
+    from slim_jax.nn import LoRAConfig, adapted_layers, inject
+
+    folder = shared_data / "tinystories260k"
+
+    def write(root: Path, tasks, ranks=4, random_b: bool = True) -> Path:
+        rng = np.random.default_rng(0)
+        ranks = [ranks] * len(tasks) if isinstance(ranks, int) else ranks
+        for task, rank in zip(tasks, ranks, strict=True):
+            model, _ = load_llama2c(folder / "checkpoint_v1.bin")
+            inject(model, "(q|v)_proj$", LoRAConfig(rank=rank, alpha=2.0 * rank),
+                   rngs=nnx.Rngs(0))
+            if random_b:
+                for layer in adapted_layers(model).values():
+                    layer.lora_b.set_value(
+                        0.1 * rng.standard_normal(layer.lora_b.shape, np.float32))
+            save_peft(model, root / task, base_model_name_or_path=str(folder))
+        return root
+
+    return write

@@ -8,14 +8,11 @@ import random
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import lorahub_bbh, train_lora_modules
 from slim_jax.data import load_t0_target
 from slim_jax.lorahub import load_module
 from slim_jax.models.llama2c import load_llama2c
-from slim_jax.models.peft_io import save_peft
-from slim_jax.nn import LoRAConfig, adapted_layers, inject
 
 pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: whole commands
 TASKS = ("qasc_qa_with_separated_facts_3", "wiki_hop_original_choose_best_object_affirmative_1")
@@ -72,12 +69,8 @@ def test_missing_modules_name_the_training_command(capsys, shared_data, tmp_path
     assert code == 2 and "python -m experiments.train_lora_modules --out" in err
 
 
-def test_modules_of_different_ranks_are_named(capsys, shared_data, tmp_path):
-    folder = shared_data / "tinystories260k"
-    for task, rank in zip(TASKS, (2, 4), strict=True):
-        model, _ = load_llama2c(folder / "checkpoint_v1.bin")
-        inject(model, "(q|v)_proj$", LoRAConfig(rank=rank, alpha=2.0 * rank), rngs=nnx.Rngs(0))
-        save_peft(model, tmp_path / task, base_model_name_or_path=str(folder))
+def test_modules_of_different_ranks_are_named(capsys, shared_data, tmp_path, write_peft_modules):
+    write_peft_modules(tmp_path, TASKS, ranks=(2, 4), random_b=False)
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--modules.dir",
                     str(tmp_path), "--protocol.modules-per-run", "2", "--protocol.runs", "1",
                     "--progress", "false")
@@ -145,17 +138,10 @@ def test_empty_module_folder_says_it_trains_first(capsys, shared_data, tmp_path,
                     f"experiments.train_lora_modules --out {tmp_path / 'mods'} does)")
 
 
-def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path):
+def test_two_tasks_end_to_end_decoder_only(capsys, shared_data, tmp_path, write_peft_modules):
     """The TinyStories model, three modules, two tasks, two runs: every output is written."""
-    folder = shared_data / "tinystories260k"
     modules, out = tmp_path / "modules", tmp_path / "run"
-    rng = np.random.default_rng(0)
-    for task in (*TASKS, "quoref_What_Is_The_Answer"):
-        model, _ = load_llama2c(folder / "checkpoint_v1.bin")
-        inject(model, "(q|v)_proj$", LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
-        for layer in adapted_layers(model).values():
-            layer.lora_b.set_value(0.1 * rng.standard_normal(layer.lora_b.shape, np.float32))
-        save_peft(model, modules / task, base_model_name_or_path=str(folder))
+    write_peft_modules(modules, (*TASKS, "quoref_What_Is_The_Answer"))
     code, err = run(lorahub_bbh.main, capsys, "--data-dir", str(shared_data), "--progress",
                     "false", "--modules.dir", str(modules),
                     "--out", str(out), "--bbh.tasks", "navigate,web_of_lies",

@@ -10,12 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import lorahub_search_study as study
-from slim_jax.models.llama2c import load_llama2c
-from slim_jax.models.peft_io import save_peft
-from slim_jax.nn import LoRAConfig, adapted_layers, inject
 
 pytestmark = pytest.mark.usefixtures("quick_compile")  # compile-bound: whole commands
 MODULES = ("qasc_qa_with_separated_facts_3", "wiki_hop_original_choose_best_object_affirmative_1",
@@ -27,18 +23,9 @@ SMALL = (("cmaes P4 s0.5", "cmaes", {"population_size": 4, "sigma": 0.5}),
 
 
 @pytest.fixture(scope="module")
-def modules(shared_data, tmp_path_factory):
+def modules(tmp_path_factory, write_peft_modules):
     """Three rank-4 modules on q/v of the TinyStories model, B random (so w matters)."""
-    folder = shared_data / "tinystories260k"
-    root = tmp_path_factory.mktemp("modules")
-    rng = np.random.default_rng(0)
-    for task in MODULES:
-        model, _ = load_llama2c(folder / "checkpoint_v1.bin")
-        inject(model, "(q|v)_proj$", LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
-        for layer in adapted_layers(model).values():
-            layer.lora_b.set_value(0.1 * rng.standard_normal(layer.lora_b.shape, np.float32))
-        save_peft(model, root / task, base_model_name_or_path=str(folder))
-    return root
+    return write_peft_modules(tmp_path_factory.mktemp("modules"), MODULES)
 
 
 def test_a_small_study_end_to_end_and_its_restart(modules, shared_data, tmp_path, monkeypatch,
