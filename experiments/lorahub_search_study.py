@@ -8,8 +8,8 @@ execution seconds (compilation excluded: with JAX's persistent cache a program c
 machine). Writes to `--out`:
 
     study.json            every configuration's values and times per (task, draw)
-    study.md              the table: mean improvement over w = 0 at 40 / 100 / 200 evaluations,
-                          its spread over (task, draw), the mean rank at 40, seconds for 40,
+    study.md              the table: mean improvement over w = 0 at 40 / 100 / 200 evaluations
+                          and its range over (task, draw), the mean rank at 40, seconds for 40,
                           and the same at equal wall time (the seconds COBYLA takes for 40 and
                           for 200 evaluations)
     study_evals.png       best-so-far (relative to w = 0) against evaluations, mean over targets
@@ -172,14 +172,16 @@ def summarize(study: dict) -> str:
                                          s, w) for lab in labels]
                             for t, s, w in zip(study["targets"], starts, walls[m], strict=True)])
                for m in (40, 200)}
+    def spread(x: np.ndarray) -> str:  # over the (target, draw) objectives
+        return f"{x.mean():.3f} ({x.min():.3f}-{x.max():.3f})"
+
     lines = ["| search | @40: mean (min-max) | @100 | @200 | mean rank @40 | s for 40 evals "
              "| @COBYLA's s for 40 | @COBYLA's s for 200 |",
              "|---|---|---|---|---|---|---|---|"]
     for j, lab in enumerate(labels):
-        cells = [f"{at[40][:, j].mean():.3f} ({at[40][:, j].min():.3f}-{at[40][:, j].max():.3f})",
-                 f"{at[100][:, j].mean():.3f}", f"{at[200][:, j].mean():.3f}",
+        cells = [spread(at[40][:, j]), spread(at[100][:, j]), spread(at[200][:, j]),
                  f"{ranks[j]:.1f}", f"{secs[j]:.2f}",
-                 f"{at_wall[40][:, j].mean():.3f}", f"{at_wall[200][:, j].mean():.3f}"]
+                 spread(at_wall[40][:, j]), spread(at_wall[200][:, j])]
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

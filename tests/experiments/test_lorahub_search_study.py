@@ -52,6 +52,8 @@ def test_a_small_study_end_to_end_and_its_restart(modules, shared_data, tmp_path
     table = (out / "study.md").read_text()
     assert table.count("\n") == 2 + len(SMALL)
     assert "| cobyla (reference) |" in table and "@COBYLA's s for 40" in table
+    row = next(line for line in table.splitlines() if line.startswith("| cobyla"))
+    assert row.count("(") == 1 + 5  # the label's, and a range at 40, 100, 200 and both times
     assert (out / "study_evals.png").stat().st_size > 0
     assert (out / "study_seconds.png").stat().st_size > 0
 
