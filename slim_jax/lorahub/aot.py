@@ -4,8 +4,10 @@ The same measurement as `slim_jax.train.aot` (memory and FLOPs per chip of the c
 program), for the two programs a LoRAHub run spends its time in:
 
 - scoring a population of P candidate weightings (`slim_jax.lorahub.search.score_population`:
-  one vmapped forward pass of the K ADAPT examples per candidate, the population split over as
-  many chips as divide P, each holding a replica of the base and the module library);
+  one vmapped forward pass of the K ADAPT examples per candidate, laid out by
+  `population_mesh`: the candidates over the most chips that divide P, each candidate's
+  examples over the rest of the slice, every chip holding a replica of the base and the module
+  library);
 - greedy generation of the answers with the composed (merged) model, on one chip, as
   `slim_jax.lorahub.predict.greedy_answers` runs it.
 
@@ -53,7 +55,8 @@ def compile_population(
 
     Args:
       factory: builds the base model (`slim_jax.train.aot.model_factory`).
-      topo: the topology; the population is split over the most chips that divide it.
+      topo: the topology; the program spans it as `population_mesh` lays a run out (the
+        candidates, then each candidate's example rows, over the chips).
       population: P, candidates scored in one call.
       num_modules, rank, alpha, targets: the module library (N modules of rank r on the layers
         whose path matches `targets`).

@@ -99,17 +99,34 @@ def check_search(objective: SearchObjective, budget: int, bound: float) -> None:
         raise ConfigError(f"bound must be > 0, got {bound}")
 
 
-def population_mesh(population_size: int, devices: list[jax.Device] | None = None) -> Mesh | None:
-    """A mesh splitting a population over as many devices as divide it evenly (axis `data`).
+POPULATION_AXIS = "data"  # population_mesh's axis over the candidates
+EXAMPLE_AXIS = "fsdp"  # ... and over the ADAPT examples' rows (`Objective.population`)
 
-    None on a single device (no split needed).
+
+def population_mesh(population_size: int, devices: list[jax.Device] | None = None) -> Mesh | None:
+    """A mesh for scoring a population: candidates split over axis `data`, the rest of the
+    devices over axis `fsdp`, which splits each candidate's ADAPT examples (rows).
+
+    It spans as many of `devices` as a split `data x fsdp` with `data` dividing P can (all of
+    them whenever P or the device count allows: on TPU slices with limited ICI routing, such
+    as v5e-64 and v5e-256, XLA compiles a multi-chip program only over the whole slice); of
+    equal spans the one with the larger population split (no example padding). None on a single
+    device (no split needed).
+
+    With 8 devices, P = 4 gives `data 4 x fsdp 2` (each candidate's rows in two halves), P = 16
+    `data 8`, P = 6 `data 2 x fsdp 4` (all 8 devices rather than 6).
 
     >>> population_mesh(16, jax.devices()[:1]) is None
     True
     """
     devices = list(jax.devices() if devices is None else devices)
-    count = max(d for d in range(1, len(devices) + 1) if population_size % d == 0)
-    return None if count == 1 else make_mesh(MeshConfig(data=count), devices[:count])
+    n = len(devices)
+    count = max((d for d in range(1, min(population_size, n) + 1) if population_size % d == 0),
+                key=lambda d: (d * (n // d), d))
+    rest = n // count
+    if count * rest == 1:
+        return None
+    return make_mesh(MeshConfig(data=count, fsdp=rest), devices[:count * rest])
 
 
 def resolve_mesh(mesh: Mesh | Literal["auto"] | None, population_size: int,

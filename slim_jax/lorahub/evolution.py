@@ -171,8 +171,9 @@ def evolution_search(
       bound: the box `[-bound, bound]^N`; proposals outside are bounced back (`bounce`).
       seed: the search's randomness (the same seed gives the same search).
       scoring: "vmap" (one pass per generation) or "sequential" (one pass per candidate).
-      mesh: split the population over this mesh's `data` axis; "auto" uses as many local
-        devices as divide P (`population_mesh`); None keeps it on one device.
+      mesh: split the population over this mesh's `data` axis (and each candidate's examples
+        over its `fsdp` axis); "auto" spans the local devices (`population_mesh`); None keeps
+        it on one device.
       method: the name recorded in the result (default: the strategy's).
 
     Raises:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from jax.sharding import Mesh, PartitionSpec
 from slim_jax.data import CausalLayout, EncoderDecoderLayout, Example, tokenize_examples
 from slim_jax.data.layout import Layout, TokenizedExample
 from slim_jax.errors import ConfigError, DataError
+from slim_jax.lorahub.candidates import EXAMPLE_AXIS, POPULATION_AXIS
 from slim_jax.lorahub.library import AttachedLibrary
 from slim_jax.tokenizer import Tokenizer
 
@@ -86,6 +87,8 @@ class Objective:
       num_examples: K.
       mode: "compat" or "mean" (module docstring).
       l1_coeff: weight of `mean_i |w_i|`.
+      example_axis: inside `population`'s `jax.shard_map` only: the mesh axis the batches' rows
+        are split over; each batch's sums are then reduced over it (`jax.lax.psum`).
     """
 
     library: AttachedLibrary
@@ -93,6 +96,7 @@ class Objective:
     num_examples: int = dataclasses.field(metadata={"static": True})
     mode: LossMode = dataclasses.field(default="compat", metadata={"static": True})
     l1_coeff: float = dataclasses.field(default=L1_COEFF, metadata={"static": True})
+    example_axis: str | None = dataclasses.field(default=None, metadata={"static": True})
 
     @property
     def num_modules(self) -> int:
@@ -111,9 +115,10 @@ class Objective:
             per_row, tokens = jnp.sum(ce * mask, axis=-1), jnp.sum(mask, axis=-1)  # [batch]
             if self.mode == "compat":
                 # LORAHUB.md s3: the batch's token-mean CE over all of its target tokens.
-                return jnp.sum(per_row) / jnp.maximum(jnp.sum(tokens), 1.0)
+                total, count = self._sum((jnp.sum(per_row), jnp.sum(tokens)))
+                return total / jnp.maximum(count, 1.0)
             # Plain mean: every example's own token mean; padding rows add 0.
-            return jnp.sum(per_row / jnp.maximum(tokens, 1.0))
+            return self._sum(jnp.sum(per_row / jnp.maximum(tokens, 1.0)))
 
         # Sum over batches, divided by K (both modes).
         return jnp.sum(jax.lax.map(batch_terms, self.batches)) / self.num_examples
@@ -127,25 +132,45 @@ class Objective:
         weights = jnp.asarray(weights, jnp.float32)
         return self.loss(weights) + self.penalty(weights)
 
+    def _sum(self, terms):
+        """`terms` summed over the rows' shards (`example_axis`), or as they are."""
+        return terms if self.example_axis is None else jax.lax.psum(terms, self.example_axis)
+
     def population(self, weights: jax.Array, *, mesh: Mesh | None = None,
-                   axis: str | tuple[str, ...] = "data") -> jax.Array:
+                   axis: str | tuple[str, ...] = POPULATION_AXIS) -> jax.Array:
         """Objectives of P candidates `weights [P, N]` -> `[P]`, in one vmapped forward pass.
 
         The base state is an unbatched input of the `jax.vmap`, so every candidate reads the one
         copy; only the composed rank-r factors carry the population axis. With `mesh`, the
         population is split over the mesh `axis` (`jax.shard_map`; P must divide evenly) and
-        each device scores its share against its replica of the base.
+        each device scores its share against its replica of the base; a mesh axis `fsdp` of
+        size > 1 (`population_mesh`'s `EXAMPLE_AXIS`) splits every batch's rows too (padded
+        with empty rows to a multiple of it: they add no target token), each device scoring
+        its rows and the sums reduced over the axis.
         """
-        return vmapped_population(self, weights, mesh=mesh, axis=axis)
-
+        ways = 1 if mesh is None else mesh.shape.get(EXAMPLE_AXIS, 1)
+        if ways == 1:
+            return vmapped_population(self, weights, mesh=mesh, axis=axis)
+        rows = next(iter(self.batches.values())).shape[1]
+        pad = -rows % ways
+        batches = {key: jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2))
+                   for key, v in self.batches.items()}
+        split = dataclasses.replace(self, batches=batches, example_axis=EXAMPLE_AXIS)
+        specs = dataclasses.replace(  # a prefix of `split`: the library whole on every device
+            split, library=PartitionSpec(),
+            batches={key: PartitionSpec(None, EXAMPLE_AXIS) for key in batches})
+        return vmapped_population(split, weights, mesh=mesh, axis=axis, objective_spec=specs)
 
 
 def vmapped_population(objective: Callable[[jax.Array], jax.Array], weights: jax.Array, *,
                        mesh: Mesh | None = None,
-                       axis: str | tuple[str, ...] = "data") -> jax.Array:
+                       axis: str | tuple[str, ...] = POPULATION_AXIS,
+                       objective_spec: Any = None) -> jax.Array:
     """`[P]` values of a pytree `objective` (`objective(w [N]) -> []`) at `weights [P, N]`, in
     one `jax.vmap` over the candidates (the objective itself is shared, unbatched); with `mesh`,
-    the population is split over the mesh `axis` (`jax.shard_map`; P must divide evenly).
+    the population is split over the mesh `axis` (`jax.shard_map`; P must divide evenly), the
+    objective laid out by `objective_spec` (a `PartitionSpec` prefix of it; default: whole on
+    every device).
 
     >>> from slim_jax.lorahub.toy import QuadraticObjective
     >>> vmapped_population(QuadraticObjective.around([1.0, 0.0]), jnp.eye(2)).tolist()
@@ -156,8 +181,10 @@ def vmapped_population(objective: Callable[[jax.Array], jax.Array], weights: jax
     if mesh is None:
         return score(objective, weights)
     spec = PartitionSpec(axis)
-    return jax.shard_map(score, mesh=mesh, in_specs=(PartitionSpec(), spec),
+    in_spec = PartitionSpec() if objective_spec is None else objective_spec
+    return jax.shard_map(score, mesh=mesh, in_specs=(in_spec, spec),
                          out_specs=spec)(objective, weights)
+
 
 def build_objective(
     library: AttachedLibrary,

@@ -174,14 +174,30 @@ def one_query(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
 
     scores[b, t, k, g] = sum_d q[b, k, g, d] key[b, t, k, d] (float32); out = sum_t p v.
 
-    Without grouping (`heads == kv_heads`, e.g. T5) the group axis is left out rather than kept
-    at size 1: with it, XLA's CPU compiler fused the products and sums into the output
-    projection's matmul and ran them 10-17x slower (T5 decoding, 4 rows x 256 keys x 8 heads).
+    Without grouping (`heads == kv_heads`, e.g. T5) the best form depends on the compiler, so
+    it is chosen per platform as the program is lowered (`jax.lax.platform_dependent`): on CPU
+    the group axis is left out (kept at size 1, XLA's CPU compiler fused the products and sums
+    into the output projection's matmul and ran them 10-17x slower: T5 decoding, 4 rows x 256
+    keys x 8 heads); elsewhere it is kept at size 1 (left out, XLA's TPU compiler needed 17.4
+    instead of 9.2 GiB of temporaries for FLAN-T5-large's greedy decoding of 16 x 2048-token
+    prompts on a v5e chip: `benchmarks/POD.md`).
     """
-    b, _, heads, d = q.shape
-    kv_heads = k.shape[2]
+    heads, kv_heads = q.shape[2], k.shape[2]
     groups = heads // kv_heads
-    axes = (kv_heads, groups) if groups > 1 else (heads,)  # the heads' axes: [kv, g] or [heads]
+    form = functools.partial(_one_query, scale=scale, dtype=dtype)
+    if groups > 1:
+        return form(q, k, v, bias, mask, axes=(kv_heads, groups))
+    return jax.lax.platform_dependent(q, k, v, bias, mask,
+                                      cpu=functools.partial(form, axes=(heads,)),
+                                      default=functools.partial(form, axes=(heads, 1)))
+
+
+def _one_query(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+               mask: jax.Array | None, *, axes: tuple[int, ...], scale: float | None,
+               dtype: Any) -> jax.Array:
+    """`one_query` with the query heads laid out as `axes`: `(kv_heads, groups)` or, without
+    grouping, `(heads,)` or `(heads, 1)`; keys and values get a size-1 axis for each extra one."""
+    b, _, heads, d = q.shape
     per_kv = (slice(None),) * 3 + (None,) * (len(axes) - 1)  # keys / values: [b, t, kv(, 1), d]
     qg = q.reshape(b, 1, *axes, d).astype(jnp.float32)
     scores = jnp.sum(qg * k.astype(jnp.float32)[per_kv], axis=-1)  # [b, t, *axes]

@@ -161,6 +161,41 @@ def test_population_split_over_devices_equals_one_device(llama_setup):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize(("population", "devices", "shape"), [
+    (16, 8, (8, 1)), (4, 8, (4, 2)), (6, 8, (2, 4)), (5, 8, (1, 8)), (3, 2, (1, 2)),
+    (16, 256, (16, 16)), (64, 256, (64, 4)), (64, 32, (32, 1))])
+def test_population_mesh_spans_every_device_it_can(population, devices, shape):
+    # XLA compiles multi-chip programs for limited-ICI slices (v5e-64/256) only over the whole
+    # slice, so the candidates split over `data` and each candidate's rows over `fsdp`.
+    from slim_jax.parallel.topology import topology
+
+    pool = jax.devices()[:devices]
+    if devices > 8:  # a TPU topology's abstract devices (the `tpu` extra's libtpu)
+        pool = list(topology("v5e-256" if devices == 256 else "v5p-64").devices)
+    mesh = population_mesh(population, pool)
+    assert (mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"]) == (*shape, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("mode", ["compat", "mean"])
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_rows_split_over_devices_equal_one_device(family, mode, batch_size, request):
+    # P = 4 on 8 devices: 4 candidates x the rows in 2 halves (K = 5 padded to 6, or batches
+    # of 2 rows); the sums are reduced over the halves, so the values equal one device's.
+    model, modules = request.getfixturevalue(f"{family}_setup")
+    attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
+    objective = build_objective(attached, adapt_examples(),
+                                objective_layout(model, ByteTokenizer()), mode=mode,
+                                batch_size=batch_size)
+    weights = jax.random.uniform(jax.random.key(2), (4, 4), minval=-1.5, maxval=1.5)
+    mesh = population_mesh(4)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    split = score_candidates(objective, weights, mesh=mesh)
+    assert len(split.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(split), np.asarray(score_candidates(objective, weights)),
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_scanned_population_split_over_devices_equals_unrolled_one_device(family, request):
     # Under the population's shard_map the scanned layers' adapters vary over the devices and

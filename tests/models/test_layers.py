@@ -53,6 +53,29 @@ def test_every_implementation_equals_the_reference(impl, case):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["gqa_mask_scale", "bias_no_scale", "mha_bias_and_mask"])
+def test_decoding_forms_of_every_platform_equal_the_reference(case):
+    # One query per row: without grouping, CPU and other platforms lower different layouts of
+    # the heads (`attention_blocks.one_query`); this CPU runs both by hand.
+    from slim_jax.models.attention_blocks import _one_query
+
+    keys = jax.random.split(jax.random.key(1), 4)
+    heads, kv_heads = (8, 2) if case == "gqa_mask_scale" else (4, 4)
+    q = jax.random.normal(keys[0], (3, 1, heads, 16))
+    k, v = (jax.random.normal(key, (3, 9, kv_heads, 16)) for key in keys[1:3])
+    mask = (jnp.arange(9)[None, None, :] < jnp.array([9, 4, 1])[:, None, None]
+            if case != "bias_no_scale" else None)
+    bias = None if case == "gqa_mask_scale" else jax.random.normal(keys[3], (1, heads, 1, 9))
+    scale = 16**-0.5 if case == "gqa_mask_scale" else None
+    want = _reference(q, k, v, bias, mask, 1.0 if scale is None else scale)
+    forms = [(kv_heads, heads // kv_heads)] if heads > kv_heads else [(heads,), (heads, 1)]
+    for axes in forms:
+        got = _one_query(q, k, v, bias, mask, axes=axes, scale=scale, dtype=jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    chosen = jax.jit(lambda q, k, v: attention(q, k, v, bias=bias, mask=mask, scale=scale))
+    np.testing.assert_allclose(np.asarray(chosen(q, k, v)), want, atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_implementation_is_named():
     x = jnp.ones((1, 2, 2, 4))
     with pytest.raises(ConfigError, match="attention implementation 'flash' is not known"):
