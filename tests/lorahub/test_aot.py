@@ -178,3 +178,15 @@ def test_lorahub_compile_only_exits_by_every_program_and_names_the_one_that_does
         assert out[-1] == ("fits: 11.0 of 16.0 GiB per chip" if code == 0 else
                            "does not fit: greedy generation b=16 needs 34.0 GiB, of 16.0 GiB "
                            "per chip on v5e-16")
+
+
+def test_population_scoring_spans_a_whole_limited_routing_slice():
+    # XLA compiles a multi-chip program for v5e-64 only over all 64 chips: P = 16 candidates
+    # take 16 x 4 chips, each candidate's K = 2 rows padded to 4 and split over 4 of them.
+    r = compile_population(model_factory(T5), topology("v5e-64"), population=P, num_modules=N,
+                           rank=RANK, alpha=4.0, targets=r"(q|v)$", num_examples=K,
+                           input_len=INPUT, target_len=TARGET)
+    assert r.mesh == {"data": 16, "fsdp": 4, "tensor": 1} and r.fits
+    encoder, decoder = t5_params(RANK)
+    assert r.model_flops == 2 * K * (encoder * INPUT + decoder * TARGET) / 4  # one candidate
+    assert r.flops_exact and 0.2 < r.mfu_bound <= 0.5  # two of each candidate's 4 rows padding
