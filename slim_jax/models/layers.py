@@ -90,17 +90,20 @@ def remat_layer(policy: str) -> Callable[..., Any]:
     saveable = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
 
     def call(layer: nnx.Module, *args: Any) -> Any:
-        # A pure function of the layer's state under jax.checkpoint, its new state (SLIM
-        # statistics, RNG counts) written back: works however the caller traces the model
-        # (nnx transforms, or jax.grad over `nnx.merge` as the train step does).
+        # A pure function of the layer's state under jax.checkpoint, the state a call may change
+        # (SLIM statistics, RNG counts: everything but parameters) written back: works however
+        # the caller traces the model (nnx transforms, or jax.grad over `nnx.merge` as the train
+        # step does). Parameters are not written back: a call never changes them, and a model
+        # built in an outer trace (LoRAHub composes it per candidate, then maps over batches)
+        # may not be written from an inner one.
         graphdef, state = nnx.split(layer)
 
         def pure(state: nnx.State, *args: Any) -> tuple[Any, nnx.State]:
             module = nnx.merge(graphdef, state)
-            return module(*args), nnx.state(module)
+            return module(*args), nnx.state(module, nnx.Not(nnx.Param))
 
-        out, state = jax.checkpoint(pure, policy=saveable)(state, *args)
-        nnx.update(layer, state)
+        out, changed = jax.checkpoint(pure, policy=saveable)(state, *args)
+        nnx.update(layer, changed)
         return out
 
     return call

@@ -214,6 +214,24 @@ def test_scanned_population_split_over_devices_equals_unrolled_one_device(family
     np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_rematerialised_layers_score_like_plain_ones(family, request):
+    # The candidate's model is composed inside the population's vmap and run inside the map over
+    # batches: remat must not write the outer trace's parameters from the inner one.
+    import dataclasses
+
+    model, modules = request.getfixturevalue(f"{family}_setup")
+    remat = type(model)(dataclasses.replace(model.config, remat="full"), rngs=nnx.Rngs(0))
+    weights = jax.random.uniform(jax.random.key(3), (4, 4), minval=-1.5, maxval=1.5)
+    scores = []
+    for base in (model, remat):
+        attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(base))
+        objective = build_objective(attached, adapt_examples(),
+                                    objective_layout(base, ByteTokenizer()), batch_size=2)
+        scores.append(np.asarray(score_candidates(objective, weights, mesh=population_mesh(4))))
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5)
+
+
 def test_zero_weights_give_the_base_model(llama_setup):
     model, modules = llama_setup
     attached = ModuleLibrary.from_modules(modules).attach(nnx.clone(model))
